@@ -1,0 +1,15 @@
+"""Activation Replay (Xing et al., CVPR 2026) for HuggingFace vision-language
+models, on fused C++/CUDA logit-lens operators."""
+
+from . import _C, ops, reference  # noqa: F401  (_C registers torch.ops.actreplay)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the compiled extension was built: ``cuda`` (bool), ``cuda_version``,
+    ``cuda_archs`` and the ``torch_version`` it was compiled against."""
+    return dict(_C.build_info())
+
+
+__all__ = ["build_info", "ops", "reference"]

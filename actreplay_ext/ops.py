@@ -1,0 +1,181 @@
+"""Python face of the `actreplay` operators: keyword-friendly wrappers, autograd
+formulas and fake (meta) implementations so that `torch.compile` can trace them.
+
+The kernels themselves are C++/CUDA (csrc/) and registered as
+``torch.ops.actreplay.*`` when ``actreplay_ext._C`` is imported. Plain-PyTorch
+oracles with the same signatures live in :mod:`actreplay_ext.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.actreplay)
+
+__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl"]
+
+_ops = torch.ops.actreplay
+
+
+def _result_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def lens_entropy(
+    hidden: torch.Tensor,
+    unembed: torch.Tensor,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    topk: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logit-lens entropy, log-sum-exp and top-k of each row of ``hidden``.
+
+    ``z = RMSNorm(hidden) @ unembed.T`` (RMSNorm in float32 when ``norm_weight``
+    is given), reduced without materialising ``[N, V]`` logits. Returns
+    ``(entropy[N], lse[N], topk_logits[N, topk], topk_idx[N, topk])``; top-k in
+    descending order, ties broken by lower index. Not differentiable.
+    """
+    return _ops.lens_entropy(hidden, unembed, norm_weight, float(eps), int(topk))
+
+
+def select_tokens(
+    entropy: torch.Tensor,
+    candidates: torch.Tensor,
+    rule: str = "ratio",
+    value: Union[float, Sequence[float]] = 0.4,
+    side: str = "low",
+) -> torch.Tensor:
+    """Boolean ``[L, N]`` mask of the tokens each layer row selects (SPEC §3-4).
+
+    ``rule="ratio"``: ``E <= value * max(E over candidates)``;
+    ``rule="absolute"``: ``E < value``; ``rule="topk"``: the ``value`` lowest
+    (``value >= 1`` is a count, ``0 <= value < 1`` a fraction of the candidates,
+    floored). ``side="high"`` picks as many tokens as the low side would, from
+    the highest entropies. ``value`` is one number or one per row.
+    """
+    if isinstance(value, (int, float)):
+        value = [float(value)]
+    return _ops.select_tokens(entropy, candidates, rule, [float(v) for v in value], side)
+
+
+def replay_scatter(
+    hidden: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, mode: str = "add"
+) -> torch.Tensor:
+    """``hidden`` with ``values`` added (``"add"``) or written (``"replace"``) at
+    rows ``positions``. Differentiable in ``values`` and ``hidden``."""
+    return _ops.replay_scatter(hidden, positions, values, mode)
+
+
+def topk_kl(
+    hidden: torch.Tensor,
+    unembed: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    target_idx: torch.Tensor,
+    target_logp: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row ``sum_j p_j (log p_j - log_softmax(z[target_idx])_j)``, ``p = exp(target_logp)``,
+    from the ``k`` gathered unembedding rows only. Differentiable in ``hidden``."""
+    return _ops.topk_kl(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)
+
+
+# ---------------------------------------------------------------- fake tensors
+
+
+@torch.library.register_fake("actreplay::lens_entropy")
+def _lens_entropy_fake(hidden, unembed, norm_weight, eps, topk=0):
+    torch._check(hidden.dim() == 2 and unembed.dim() == 2, lambda: "hidden and unembed must be 2-D")
+    torch._check(unembed.shape[1] == hidden.shape[1], lambda: "unembed must be [V, D]")
+    torch._check(0 <= topk <= unembed.shape[0], lambda: "topk must be in [0, V]")
+    n, dt = hidden.shape[0], _result_dtype(hidden)
+    return (
+        hidden.new_empty((n,), dtype=dt),
+        hidden.new_empty((n,), dtype=dt),
+        hidden.new_empty((n, topk), dtype=dt),
+        hidden.new_empty((n, topk), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("actreplay::select_tokens")
+def _select_tokens_fake(entropy, candidates, rule, value, side):
+    torch._check(entropy.dim() == 2, lambda: "entropy must be [L, N]")
+    return entropy.new_empty(entropy.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("actreplay::replay_scatter")
+def _replay_scatter_fake(hidden, positions, values, mode):
+    torch._check(values.shape[0] == positions.shape[0], lambda: "positions/values length mismatch")
+    return torch.empty_like(hidden)
+
+
+@torch.library.register_fake("actreplay::topk_kl")
+def _topk_kl_fake(hidden, unembed, norm_weight, eps, target_idx, target_logp):
+    torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
+    return hidden.new_empty((hidden.shape[0],), dtype=_result_dtype(hidden))
+
+
+@torch.library.register_fake("actreplay::topk_kl_backward")
+def _topk_kl_backward_fake(grad_kl, hidden, unembed, norm_weight, eps, target_idx, target_logp):
+    return torch.empty_like(hidden)
+
+
+# -------------------------------------------------------------------- autograd
+
+
+def _no_grad_for(ctx, names_and_flags, op):
+    for name, needed in names_and_flags:
+        if needed:
+            raise RuntimeError(
+                f"actreplay.{op} is differentiable in 'hidden' only; argument '{name}' "
+                f"requires grad (detach it, or freeze the model weights)"
+            )
+
+
+def _topk_kl_setup(ctx, inputs, output):
+    hidden, unembed, norm_weight, eps, target_idx, target_logp = inputs
+    ctx.save_for_backward(hidden, unembed, norm_weight, target_idx, target_logp)
+    ctx.eps = eps
+
+
+def _topk_kl_backward(ctx, grad_kl):
+    hidden, unembed, norm_weight, target_idx, target_logp = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    _no_grad_for(
+        ctx,
+        [("unembed", needs[1]), ("norm_weight", needs[2]), ("target_logp", needs[5])],
+        "topk_kl",
+    )
+    grad_hidden = None
+    if needs[0]:
+        grad_hidden = _ops.topk_kl_backward(
+            grad_kl.contiguous(), hidden, unembed, norm_weight, ctx.eps, target_idx, target_logp
+        )
+    return grad_hidden, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "actreplay::topk_kl", _topk_kl_backward, setup_context=_topk_kl_setup
+)
+
+
+def _replay_scatter_setup(ctx, inputs, output):
+    hidden, positions, values, mode = inputs
+    ctx.save_for_backward(positions)
+    ctx.mode = mode
+
+
+def _replay_scatter_backward(ctx, grad_out):
+    (positions,) = ctx.saved_tensors
+    grad_values = grad_out.index_select(0, positions) if ctx.needs_input_grad[2] else None
+    grad_hidden = None
+    if ctx.needs_input_grad[0]:
+        # Overwritten rows do not depend on `hidden`.
+        grad_hidden = grad_out if ctx.mode == "add" else grad_out.index_fill(0, positions, 0)
+    return grad_hidden, None, grad_values, None
+
+
+torch.library.register_autograd(
+    "actreplay::replay_scatter", _replay_scatter_backward, setup_context=_replay_scatter_setup
+)

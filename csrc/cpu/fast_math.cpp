@@ -1,0 +1,26 @@
+#include "cpu/fast_math.h"
+
+namespace actreplay {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ACTREPLAY_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define ACTREPLAY_SIMD_CLONES
+#endif
+
+ACTREPLAY_SIMD_CLONES
+void sum_exp_shifted(const float* z, int64_t n, float m, float* s_out, float* t_out) {
+  float s = 0.f, t = 0.f;
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t j = 0; j < n; ++j) {
+    const float y = z[j] - m;
+    // exp underflows to 0 below -87 in float32; say so exactly.
+    const float e = y < -87.0f ? 0.0f : exp_nonpositive(y);
+    s += e;
+    t += e * y;
+  }
+  *s_out = s;
+  *t_out = t;
+}
+
+}  // namespace actreplay

@@ -1,0 +1,176 @@
+// CPU gathered top-k KL: KL(p || softmax(z[target_idx])) per row, where z is the
+// logit lens of the row, computed from the k gathered unembedding rows only
+// ([M, k] dot products instead of [M, V]). Forward and its backward w.r.t.
+// `hidden` (through the RMSNorm). Rows run in parallel (at::parallel_for).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/fast_math.h"
+#include "ops.h"
+
+namespace actreplay {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+acc_t dot(const acc_t* x, const scalar_t* w, int64_t D) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += x[d] * static_cast<acc_t>(w[d]);
+  return s;
+}
+
+// For one row: z_j = <xn, U[idx_j]>, then q = log_softmax(z) in place of z,
+// returning the row's KL. `pr` receives p_j = exp(target_logp_j).
+template <typename scalar_t, typename acc_t, typename logp_t>
+acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
+             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr) {
+  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    z[j] = dot<scalar_t, acc_t>(xn, U + idx[j] * D, D);
+    zmax = std::max(zmax, z[j]);
+  }
+  acc_t se = 0;
+  for (int64_t j = 0; j < k; ++j) se += std::exp(z[j] - zmax);
+  const acc_t lse = zmax + std::log(se);
+  acc_t kl = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    z[j] -= lse;  // log q_j
+    const acc_t l = static_cast<acc_t>(lp[j]);
+    pr[j] = std::exp(l);
+    if (pr[j] > 0) kl += pr[j] * (l - z[j]);  // p = 0 contributes exactly 0
+  }
+  return kl;
+}
+
+template <typename scalar_t, typename logp_t>
+void topk_kl_forward_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
+                            const c10::optional<at::Tensor>& norm_weight, double eps,
+                            const at::Tensor& target_idx, const at::Tensor& target_logp,
+                            at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = hidden.size(0), D = hidden.size(1), k = target_idx.size(1);
+  const at::Tensor xn = rms_normalize(hidden, norm_weight, eps,
+                                      c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t* X = xn.data_ptr<acc_t>();
+  const scalar_t* U = unembed.data_ptr<scalar_t>();
+  const int64_t* I = target_idx.data_ptr<int64_t>();
+  const logp_t* LP = target_logp.data_ptr<logp_t>();
+  acc_t* O = out.data_ptr<acc_t>();
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> z(k), pr(k);
+    for (int64_t i = b; i < e; ++i)
+      O[i] = row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, I + i * k, LP + i * k, k, z.data(),
+                                             pr.data());
+  });
+}
+
+template <typename scalar_t, typename logp_t>
+void topk_kl_backward_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                             const at::Tensor& unembed,
+                             const c10::optional<at::Tensor>& norm_weight, double eps,
+                             const at::Tensor& target_idx, const at::Tensor& target_logp,
+                             at::Tensor& grad_hidden) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = hidden.size(0), D = hidden.size(1), k = target_idx.size(1);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const bool has_norm = norm_weight.has_value() && norm_weight->defined();
+  const at::Tensor h = hidden.to(acc_dtype).contiguous();
+  const at::Tensor w = has_norm ? norm_weight->to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor xn = rms_normalize(hidden, norm_weight, eps, acc_dtype);
+  const acc_t* H = h.data_ptr<acc_t>();
+  const acc_t* W = has_norm ? w.data_ptr<acc_t>() : nullptr;
+  const acc_t* X = xn.data_ptr<acc_t>();
+  const scalar_t* U = unembed.data_ptr<scalar_t>();
+  const int64_t* I = target_idx.data_ptr<int64_t>();
+  const logp_t* LP = target_logp.data_ptr<logp_t>();
+  const acc_t* G = grad_kl.data_ptr<acc_t>();
+  scalar_t* GH = grad_hidden.data_ptr<scalar_t>();
+
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> z(k), pr(k), gx(D);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t* idx = I + i * k;
+      row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, idx, LP + i * k, k, z.data(), pr.data());
+      // d kl / d z_j = softmax(z)_j * sum(p) - p_j   (z now holds log q)
+      acc_t psum = 0;
+      for (int64_t j = 0; j < k; ++j) psum += pr[j];
+      std::fill(gx.begin(), gx.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t gz = G[i] * (std::exp(z[j]) * psum - pr[j]);
+        const scalar_t* u = U + idx[j] * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) gx[d] += gz * static_cast<acc_t>(u[d]);
+      }
+      scalar_t* out = GH + i * D;
+      if (!has_norm) {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(gx[d]);
+        continue;
+      }
+      // xn = h * r * w with r = (mean(h^2) + eps)^-1/2:
+      // dh = r * u - r^3 * h * <u, h> / D, where u = gx * w.
+      const acc_t* hr = H + i * D;
+      acc_t ss = 0, uh = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        ss += hr[d] * hr[d];
+        uh += gx[d] * W[d] * hr[d];
+      }
+      const acc_t r = acc_t(1) / std::sqrt(ss / D + static_cast<acc_t>(eps));
+      const acc_t c = r * r * r * uh / D;
+      for (int64_t d = 0; d < D; ++d)
+        out[d] = static_cast<scalar_t>(r * gx[d] * W[d] - c * hr[d]);
+    }
+  });
+}
+
+template <typename F>
+void dispatch_logp(const at::Tensor& target_logp, F&& f) {
+  if (target_logp.scalar_type() == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+}  // namespace
+
+at::Tensor topk_kl_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
+                       const c10::optional<at::Tensor>& norm_weight, double eps,
+                       const at::Tensor& target_idx, const at::Tensor& target_logp) {
+  at::Tensor out = at::empty({hidden.size(0)}, hidden.options().dtype(result_dtype(hidden)));
+  if (hidden.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "actreplay_topk_kl_cpu", [&] {
+                                    dispatch_logp(target_logp, [&](auto tag) {
+                                      using logp_t = decltype(tag);
+                                      topk_kl_forward_kernel<scalar_t, logp_t>(
+                                          hidden, unembed, norm_weight, eps, target_idx,
+                                          target_logp, out);
+                                    });
+                                  });
+  return out;
+}
+
+at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                                const at::Tensor& unembed,
+                                const c10::optional<at::Tensor>& norm_weight, double eps,
+                                const at::Tensor& target_idx, const at::Tensor& target_logp) {
+  at::Tensor grad_hidden = at::empty_like(hidden);
+  if (hidden.size(0) == 0) return grad_hidden;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "actreplay_topk_kl_backward_cpu", [&] {
+                                    dispatch_logp(target_logp, [&](auto tag) {
+                                      using logp_t = decltype(tag);
+                                      topk_kl_backward_kernel<scalar_t, logp_t>(
+                                          grad_kl, hidden, unembed, norm_weight, eps,
+                                          target_idx, target_logp, grad_hidden);
+                                    });
+                                  });
+  return grad_hidden;
+}
+
+}  // namespace actreplay

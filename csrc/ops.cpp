@@ -1,0 +1,147 @@
+// Operator schemas (namespace `actreplay`), their CPU/CUDA registrations, and a
+// small pybind11 module that reports how the extension was built. Autograd and
+// fake (meta) implementations live in Python (actreplay_ext/ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+#ifndef ACTREPLAY_CUDA_ARCHS
+#define ACTREPLAY_CUDA_ARCHS ""
+#endif
+#ifndef ACTREPLAY_TORCH_VERSION
+#define ACTREPLAY_TORCH_VERSION "unknown"
+#endif
+
+namespace actreplay {
+namespace {
+
+// One entry per op for both dispatch keys: validate, then run the kernel of
+// the tensors' device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lens_entropy(
+    const at::Tensor& hidden, const at::Tensor& unembed,
+    const c10::optional<at::Tensor>& norm_weight, double eps, int64_t topk) {
+  validate_lens_entropy(hidden, unembed, norm_weight, eps, topk);
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda()) return lens_entropy_cuda(hidden, unembed, norm_weight, eps, topk);
+#endif
+  return lens_entropy_cpu(hidden, unembed, norm_weight, eps, topk);
+}
+
+at::Tensor select_tokens(const at::Tensor& entropy, const at::Tensor& candidates,
+                         c10::string_view rule, at::ArrayRef<double> value,
+                         c10::string_view side) {
+  const std::string rule_s(rule), side_s(side);
+  validate_select_tokens(entropy, candidates, rule_s, value.vec(), side_s);
+#ifdef ACTREPLAY_WITH_CUDA
+  if (entropy.is_cuda()) return select_tokens_cuda(entropy, candidates, rule_s, value, side_s);
+#endif
+  return select_tokens_cpu(entropy, candidates, rule_s, value, side_s);
+}
+
+at::Tensor replay_scatter(const at::Tensor& hidden, const at::Tensor& positions,
+                          const at::Tensor& values, c10::string_view mode) {
+  const std::string mode_s(mode);
+  validate_replay_scatter(hidden, positions, values, mode_s);
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda()) return replay_scatter_cuda(hidden, positions, values, mode_s);
+#endif
+  return replay_scatter_cpu(hidden, positions, values, mode_s);
+}
+
+at::Tensor topk_kl(const at::Tensor& hidden, const at::Tensor& unembed,
+                   const c10::optional<at::Tensor>& norm_weight, double eps,
+                   const at::Tensor& target_idx, const at::Tensor& target_logp) {
+  validate_topk_kl(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda())
+    return topk_kl_cuda(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+#endif
+  return topk_kl_cpu(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+}
+
+at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                            const at::Tensor& unembed,
+                            const c10::optional<at::Tensor>& norm_weight, double eps,
+                            const at::Tensor& target_idx, const at::Tensor& target_logp) {
+  validate_topk_kl(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+  TORCH_CHECK_VALUE(grad_kl.dim() == 1 && grad_kl.size(0) == hidden.size(0),
+                    "actreplay.topk_kl_backward: argument 'grad_kl' must be [M] with M = ",
+                    hidden.size(0), ", got shape ", grad_kl.sizes());
+  TORCH_CHECK_VALUE(grad_kl.device() == hidden.device(),
+                    "actreplay.topk_kl_backward: argument 'grad_kl' must be on ",
+                    hidden.device(), ", got ", grad_kl.device());
+  const auto grad = grad_kl.to(result_dtype(hidden)).contiguous();
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda())
+    return topk_kl_backward_cuda(grad, hidden, unembed, norm_weight, eps, target_idx,
+                                 target_logp);
+#endif
+  return topk_kl_backward_cpu(grad, hidden, unembed, norm_weight, eps, target_idx,
+                              target_logp);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(actreplay, m) {
+  m.def(
+      "lens_entropy(Tensor hidden, Tensor unembed, Tensor? norm_weight, float eps, "
+      "int topk=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "select_tokens(Tensor entropy, Tensor candidates, str rule, float[] value, str side) "
+      "-> Tensor");
+  m.def("replay_scatter(Tensor hidden, Tensor positions, Tensor values, str mode) -> Tensor");
+  m.def(
+      "topk_kl(Tensor hidden, Tensor unembed, Tensor? norm_weight, float eps, "
+      "Tensor target_idx, Tensor target_logp) -> Tensor");
+  m.def(
+      "topk_kl_backward(Tensor grad_kl, Tensor hidden, Tensor unembed, Tensor? norm_weight, "
+      "float eps, Tensor target_idx, Tensor target_logp) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(actreplay, CPU, m) {
+  m.impl("lens_entropy", &lens_entropy);
+  m.impl("select_tokens", &select_tokens);
+  m.impl("replay_scatter", &replay_scatter);
+  m.impl("topk_kl", &topk_kl);
+  m.impl("topk_kl_backward", &topk_kl_backward);
+}
+
+#ifdef ACTREPLAY_WITH_CUDA
+TORCH_LIBRARY_IMPL(actreplay, CUDA, m) {
+  m.impl("lens_entropy", &lens_entropy);
+  m.impl("select_tokens", &select_tokens);
+  m.impl("replay_scatter", &replay_scatter);
+  m.impl("topk_kl", &topk_kl);
+  m.impl("topk_kl_backward", &topk_kl_backward);
+}
+#endif
+
+}  // namespace actreplay
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef ACTREPLAY_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
+                         std::to_string((CUDA_VERSION % 1000) / 10);
+  info["cuda_archs"] = std::string(ACTREPLAY_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = std::string();
+#endif
+  info["torch_version"] = std::string(ACTREPLAY_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "actreplay_ext C++/CUDA operators (registered under torch.ops.actreplay)";
+  m.def("build_info", &build_info,
+        "How the extension was built: CUDA kernels compiled or not, CUDA version, target "
+        "archs, and the torch version it was compiled against.");
+}

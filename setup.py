@@ -1,0 +1,146 @@
+"""Builds actreplay_ext._C: the CPU kernels always, the CUDA kernels whenever a
+CUDA toolkit and a CUDA build of torch are present.
+
+Environment switches:
+  ACTREPLAY_CPU_ONLY=1   never compile CUDA sources
+  FORCE_CUDA=1           compile them even if torch sees no GPU (the normal case
+                         on a build machine; a toolkit is still required)
+  TORCH_CUDA_ARCH_LIST   overrides the default targets "8.0;9.0"
+  CUDA_HOME / CUDA_PATH  the toolkit, if it is not found on its own
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home(torch_cuda_version):
+    """The toolkit directory, without the user having to set CUDA_HOME."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.isdir(os.environ[var]):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # Resolve wrapper scripts and symlinks (e.g. /usr/local/bin/nvcc -> toolkit).
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isdir(
+            os.path.join(home, "include")
+        ):
+            return home
+        with open(real, "rb") as f:
+            head = f.read(4096).decode("utf-8", "ignore")
+        for token in head.split():
+            if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                return os.path.dirname(os.path.dirname(token))
+    candidates = []
+    if torch_cuda_version:
+        candidates.append(f"/usr/local/cuda-{torch_cuda_version}")
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "bin", "nvcc")):
+            return c
+    return None
+
+
+def _pip_cuda_include_dirs():
+    """Headers that torch's pip CUDA wheels ship (cuBLAS, cuSPARSE, ...).
+
+    A bare toolkit (e.g. only nvcc + cudart) lacks them, but ATen's CUDA
+    headers include cublas_v2.h. Added with -isystem so the toolkit's own
+    headers keep precedence where both exist."""
+    dirs = []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return dirs
+    for base in getattr(nvidia, "__path__", []):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    cpu_only = _truthy("ACTREPLAY_CPU_ONLY")
+    force = _truthy("FORCE_CUDA")
+    cuda_home = None if cpu_only else _find_cuda_home(torch.version.cuda)
+    with_cuda = (not cpu_only) and torch.version.cuda is not None and cuda_home is not None
+    if force and not with_cuda:
+        raise RuntimeError(
+            "FORCE_CUDA=1 but no CUDA build is possible: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={cuda_home!r} "
+            "(set CUDA_HOME to the toolkit, or unset FORCE_CUDA)"
+        )
+    if with_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # read at import time by torch
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd"]
+    define_macros = [("ACTREPLAY_TORCH_VERSION", f'"{torch.__version__}"')]
+    if with_cuda:
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros += [
+            ("ACTREPLAY_WITH_CUDA", None),
+            ("ACTREPLAY_CUDA_ARCHS", f'"{archs}"'),
+        ]
+        system_includes = []
+        for d in _pip_cuda_include_dirs():
+            system_includes += ["-isystem", d]
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        print(f"actreplay_ext: building CUDA kernels with {cuda_home} for archs {archs}")
+        return [
+            cpp_extension.CUDAExtension(
+                "actreplay_ext._C",
+                sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                define_macros=define_macros,
+                extra_compile_args={
+                    "cxx": cxx_flags + system_includes,
+                    "nvcc": nvcc_flags + system_includes,
+                },
+            )
+        ]
+    print(
+        "actreplay_ext: building CPU kernels only "
+        + ("(ACTREPLAY_CPU_ONLY=1)" if cpu_only else
+           f"(torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={cuda_home!r})")
+    )
+    return [
+        cpp_extension.CppExtension(
+            "actreplay_ext._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        packages=find_packages(include=["actreplay_ext", "actreplay_ext.*"]),
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

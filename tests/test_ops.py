@@ -1,0 +1,372 @@
+"""The four operators against their float64 oracles, their gradients, their
+registrations (opcheck) and their argument errors, on CPU and (when present) CUDA."""
+
+import pytest
+import torch
+
+from actreplay_ext import ops
+from actreplay_ext import reference as ref
+
+from conftest import TOL, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_lens(n, v, d, dtype, device, seed, norm=True, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g) * scale).to(dtype)
+    unembed = (torch.randn(v, d, generator=g) / d**0.5 * 4).to(dtype)
+    weight = (torch.rand(d, generator=g) + 0.5).to(dtype) if norm else None
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return mv(hidden), mv(unembed), mv(weight)
+
+
+def f64(t):
+    return None if t is None else t.double().cpu()
+
+
+def check_topk_indices(idx, vals_ref, logits_ref, k, tol):
+    """Indices must match exactly wherever the reference value is separated
+    from its neighbours (and from the first value left out) by more than `tol`."""
+    if k == 0:
+        return
+    idx = idx.cpu()
+    sorted_all = logits_ref.sort(dim=-1, descending=True).values
+    nxt = sorted_all[:, k] if k < logits_ref.shape[1] else torch.full_like(sorted_all[:, 0], -1e300)
+    padded = torch.cat([vals_ref[:, :1] + 1e300, vals_ref, nxt[:, None]], dim=1)
+    gap = torch.minimum(padded[:, :-2] - padded[:, 1:-1], padded[:, 1:-1] - padded[:, 2:])
+    untied = gap > tol
+    ref_idx = ref.topk_desc_lower_index(logits_ref, k)[1]
+    assert torch.equal(idx[untied], ref_idx[untied])
+    return untied.float().mean()
+
+
+# (N, V, D): every N in {0,1,7,1000}, V in {1,5,1000,32000,32003}, D in {8,64,200}
+SHAPES = [
+    (0, 5, 8),
+    (1, 1, 8),
+    (1, 5, 64),
+    (7, 1000, 200),
+    (7, 32003, 64),
+    (1, 32000, 200),
+    (1000, 1000, 64),
+    (1000, 5, 8),
+    (1000, 32003, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N%d-V%d-D%d" % s)
+@pytest.mark.parametrize("topk", [0, 1, 50, "V"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_lens_entropy_matches_oracle(device, dtype, shape, topk, norm):
+    n, v, d = shape
+    k = v if topk == "V" else topk
+    if k > v:
+        pytest.skip("topk > V is an error, tested separately")
+    if n * v > 5_000_000 and k == v:
+        k = 50  # the full sort of the oracle would dominate the suite; k=V covered above
+    hidden, unembed, weight = make_lens(n, v, d, dtype, device, seed=n * 7 + v + d, norm=norm)
+    ent, lse, vals, idx = ops.lens_entropy(hidden, unembed, weight, 1e-6, k)
+    r_ent, r_lse, r_vals, _ = ref.lens_entropy(f64(hidden), f64(unembed), f64(weight), 1e-6, k)
+    assert ent.shape == (n,) and lse.shape == (n,) and vals.shape == (n, k) and idx.shape == (n, k)
+    assert ent.dtype == torch.float32 and idx.dtype == torch.int64
+    if n == 0:
+        return
+    tol = TOL[dtype]
+    # V = 1 has entropy exactly 0: compare absolutely (floor 1 nat).
+    assert rel_err(ent, r_ent, floor=1e-30 if v > 1 else 1.0) <= tol
+    assert rel_err(lse, r_lse) <= tol
+    if k:
+        assert rel_err(vals, r_vals) <= tol
+        logits = ref.lens_logits(f64(hidden), f64(unembed), f64(weight), 1e-6)
+        # The CPU kernel computes logits in float32 from the exact inputs for every
+        # dtype; the CUDA kernel rounds the normed rows to bf16/f16 for the tensor cores.
+        logit_tol = 1e-5 if (device == "cpu" or dtype == torch.float32) else 1e-2
+        checked = check_topk_indices(idx, r_vals, logits, k, logit_tol * float(logits.abs().max()))
+        if k <= 50 and logit_tol <= 1e-5:
+            assert checked > 0.5  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lens_entropy_ties_break_to_lower_index(device, dtype):
+    # Small integers give exact dot products, so ties are exact ties.
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randint(-2, 3, (33, 8), generator=g).to(dtype).to(device)
+    unembed = torch.randint(-1, 2, (1003, 8), generator=g).to(dtype).to(device)
+    ent, lse, vals, idx = ops.lens_entropy(hidden, unembed, None, 0.0, 60)
+    r_ent, r_lse, r_vals, r_idx = ref.lens_entropy(f64(hidden), f64(unembed), None, 0.0, 60)
+    assert torch.equal(idx.cpu(), r_idx)
+    assert torch.equal(vals.double().cpu(), r_vals)
+    assert rel_err(ent, r_ent) <= TOL[dtype] and rel_err(lse, r_lse) <= TOL[dtype]
+    # Within each run of equal values, indices increase.
+    same = vals[:, 1:] == vals[:, :-1]
+    assert same.any() and bool((idx[:, 1:] > idx[:, :-1])[same].all())
+
+
+def test_lens_entropy_all_negative_logits(device):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.rand(64, 32, generator=g).to(device) + 0.1
+    unembed = -torch.rand(5000, 32, generator=g).to(device) - 0.1
+    ent, lse, vals, idx = ops.lens_entropy(hidden, unembed, None, 1e-6, 50)
+    r_ent, r_lse, r_vals, r_idx = ref.lens_entropy(f64(hidden), f64(unembed), None, 1e-6, 50)
+    assert bool((vals < 0).all())
+    assert rel_err(ent, r_ent) <= 1e-5 and rel_err(lse, r_lse) <= 1e-5
+    assert rel_err(vals, r_vals) <= 1e-5
+
+
+@pytest.mark.parametrize("spread", ["peaked", "flat"])
+def test_lens_entropy_logits_of_magnitude_1e4(device, spread):
+    g = torch.Generator().manual_seed(11)
+    d, v = 64, 4099
+    if spread == "peaked":  # random logits of size ~1e4: softmax nearly one-hot
+        hidden = torch.randn(40, d, generator=g) * 600
+        unembed = torch.randn(v, d, generator=g) / d**0.5 * 5
+    else:  # logits ~1e4 + O(1): a meaningful entropy on top of a huge offset
+        hidden = torch.full((40, d), 100.0) + torch.randn(40, d, generator=g) * 0.05
+        unembed = torch.full((v, d), 1.5625) + torch.randn(v, d, generator=g) * 0.002
+    hidden, unembed = hidden.to(device), unembed.to(device)
+    ent, lse, vals, idx = ops.lens_entropy(hidden, unembed, None, 1e-6, 50)
+    r_ent, r_lse, r_vals, _ = ref.lens_entropy(f64(hidden), f64(unembed), None, 1e-6, 50)
+    assert float(r_lse.abs().min()) > 5e3
+    assert rel_err(lse, r_lse) <= 1e-5 and rel_err(vals, r_vals) <= 1e-5
+    if spread == "peaked":
+        # Entropies are ~0 (one-hot softmax); they are checked absolutely, in nats
+        # per row, since a relative error of a number near 0 is meaningless.
+        assert float((ent.double().cpu() - r_ent).abs().max()) <= 1e-5
+    else:
+        # float32 logits of size 1e4 carry ~1e-3 absolute rounding, which is the
+        # precision any float32 kernel (and the float32 oracle) has here.
+        r32 = ref.lens_entropy(hidden, unembed, None, 1e-6, 0)[0]
+        assert rel_err(ent, r_ent) <= 2 * rel_err(r32, r_ent) + 1e-6
+        assert float(r_ent.min()) > 1.0
+
+
+def test_lens_entropy_float64(device):
+    hidden, unembed, weight = make_lens(9, 777, 40, torch.float64, device, seed=1)
+    out = ops.lens_entropy(hidden, unembed, weight, 1e-6, 7)
+    r = ref.lens_entropy(hidden.cpu(), unembed.cpu(), weight.cpu(), 1e-6, 7)
+    assert out[0].dtype == torch.float64
+    for a, b in zip(out[:3], r[:3]):
+        assert rel_err(a, b) <= 1e-12
+    assert torch.equal(out[3].cpu(), r[3])
+
+
+# ------------------------------------------------------------------ topk_kl
+
+
+def make_kl(m, v, d, k, dtype, device, seed, norm=True, with_zero_p=False):
+    hidden, unembed, weight = make_lens(m, v, d, dtype, device, seed, norm)
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(m)]) if m else torch.empty(0, k, dtype=torch.long)
+    logp = torch.log_softmax(torch.randn(m, k, generator=g) * 2, dim=-1)
+    if with_zero_p and m and k > 1:
+        logp[:, -1] = float("-inf")
+        logp = torch.log_softmax(logp, dim=-1)
+    return hidden, unembed, weight, idx.to(device), logp.to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 10, 8, 3), (1, 5, 8, 1), (7, 1000, 64, 50), (300, 32003, 200, 50), (5, 1000, 8, 1000)],
+                         ids=lambda s: "M%d-V%d-D%d-k%d" % s)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_topk_kl_matches_oracle(device, dtype, shape, norm):
+    m, v, d, k = shape
+    args = make_kl(m, v, d, k, dtype, device, seed=m + v + k, norm=norm, with_zero_p=True)
+    out = ops.topk_kl(args[0], args[1], args[2], 1e-6, args[3], args[4])
+    r = ref.topk_kl(f64(args[0]), f64(args[1]), f64(args[2]), 1e-6, args[3].cpu(), f64(args[4]))
+    assert out.shape == (m,) and out.dtype == torch.float32
+    assert bool(torch.isfinite(out).all())
+    if m:
+        assert rel_err(out, r) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_topk_kl_backward_matches_oracle(device, dtype, norm):
+    h, U, w, idx, lp = make_kl(33, 3001, 96, 50, dtype, device, seed=2, norm=norm, with_zero_p=True)
+    h = h.requires_grad_()
+    g = torch.randn(33, generator=torch.Generator().manual_seed(9)).to(device)
+    (ops.topk_kl(h, U, w, 1e-6, idx, lp) * g).sum().backward()
+    h64 = f64(h.detach()).requires_grad_()
+    (ref.topk_kl(h64, f64(U), f64(w), 1e-6, idx.cpu(), f64(lp)) * g.double().cpu()).sum().backward()
+    assert h.grad.dtype == dtype
+    assert rel_err(h.grad, h64.grad) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_topk_kl_gradcheck(device, norm):
+    h, U, w, idx, lp = make_kl(4, 50, 12, 7, torch.float64, device, seed=4, norm=norm, with_zero_p=True)
+    h.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.topk_kl(x, U, w, 1e-6, idx, lp), (h,))
+
+
+def test_topk_kl_refuses_gradients_it_does_not_compute(device):
+    h, U, w, idx, lp = make_kl(3, 20, 8, 4, torch.float32, device, seed=0)
+    U.requires_grad_()
+    h.requires_grad_()
+    out = ops.topk_kl(h, U, w, 1e-6, idx, lp).sum()
+    with pytest.raises(RuntimeError, match="'unembed' requires grad"):
+        out.backward()
+
+
+# ------------------------------------------------------------ replay_scatter
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("mode", ["add", "replace"])
+@pytest.mark.parametrize("tm", [(1, 1), (50, 0), (50, 17), (1000, 640)], ids=lambda s: "T%d-M%d" % s)
+def test_replay_scatter_matches_oracle(device, dtype, mode, tm):
+    t, m = tm
+    g = torch.Generator().manual_seed(t + m)
+    hidden = torch.randn(t, 72, generator=g).to(dtype).to(device)
+    if mode == "add":
+        pos = torch.randint(0, t, (m,), generator=g)  # duplicates accumulate
+    else:
+        pos = torch.randperm(t, generator=g)[:m]
+    values = torch.randn(m, 72, generator=g).to(dtype).to(device)
+    out = ops.replay_scatter(hidden, pos.to(device), values, mode)
+    expect = ref.replay_scatter(f64(hidden), pos, f64(values), mode)
+    assert out.dtype == dtype and out.shape == hidden.shape
+    assert rel_err(out, expect) <= TOL[dtype] / 10
+    assert out.data_ptr() != hidden.data_ptr()
+
+
+def test_replay_scatter_duplicates_add_up(device):
+    hidden = torch.zeros(4, 3, device=device)
+    values = torch.ones(3, 3, device=device)
+    out = ops.replay_scatter(hidden, torch.tensor([2, 2, 0], device=device), values, "add")
+    assert out[:, 0].tolist() == [1.0, 0.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_replay_scatter_gradcheck(device, mode):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    pos = torch.tensor([7, 1, 4] if mode == "replace" else [7, 1, 7], device=device)
+    values = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, v: ops.replay_scatter(h, pos, v, mode), (hidden, values))
+
+
+# ------------------------------------------------------------- select_tokens
+
+
+@pytest.mark.parametrize("rule,value", [("ratio", 0.4), ("ratio", 1.0), ("ratio", 0.0), ("absolute", 0.5),
+                                        ("topk", 5), ("topk", 0.3), ("topk", 1000), ("ratio", [0.2, 0.5, 0.9])])
+@pytest.mark.parametrize("side", ["low", "high"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_tokens_matches_oracle(device, rule, value, side, ties):
+    g = torch.Generator().manual_seed(7)
+    L, N = 3, 400
+    ent = torch.rand(L, N, generator=g)
+    if ties:
+        ent = (ent * 4).floor() / 4  # only 4 distinct entropies per row
+    cand = torch.rand(N, generator=g) < 0.6
+    mask = ops.select_tokens(ent.to(device), cand.to(device), rule, value, side)
+    expect = ref.select_tokens(ent, cand, rule, value, side)
+    assert mask.dtype == torch.bool and torch.equal(mask.cpu(), expect)
+    assert not bool(mask.cpu()[:, ~cand].any())
+
+
+def test_select_tokens_rules_on_a_small_example(device):
+    ent = torch.tensor([[0.1, 0.5, 0.2, 1.0, 0.1, 0.9]], device=device)
+    cand = torch.tensor([True, True, True, True, True, False], device=device)
+    low = ops.select_tokens(ent, cand, "ratio", 0.4, "low")
+    assert low.cpu().tolist() == [[True, False, True, False, True, False]]
+    high = ops.select_tokens(ent, cand, "ratio", 0.4, "high")  # as many (3), from the top
+    assert high.cpu().tolist() == [[False, True, True, True, False, False]]
+    two = ops.select_tokens(ent, cand, "topk", 2, "low")  # tie 0.1/0.1 at 0 and 4
+    assert two.cpu().tolist() == [[True, False, False, False, True, False]]
+    one = ops.select_tokens(ent, cand, "topk", 1, "low")  # lower index wins the tie
+    assert one.cpu().tolist() == [[True, False, False, False, False, False]]
+    allc = ops.select_tokens(ent, cand, "ratio", 1.0, "low")
+    assert torch.equal(allc.cpu()[0], cand.cpu())
+    none = ops.select_tokens(ent, torch.zeros_like(cand), "ratio", 0.4, "low")
+    assert not bool(none.any())
+
+
+# ---------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases(device):
+    h, U, w, idx, lp = make_kl(6, 40, 16, 5, torch.float32, device, seed=3)
+    hd = h.double().requires_grad_()
+    return [
+        (torch.ops.actreplay.lens_entropy.default, (h, U, w, 1e-6, 5)),
+        (torch.ops.actreplay.lens_entropy.default, (h, U, None, 1e-6, 0)),
+        (torch.ops.actreplay.topk_kl.default, (h.clone().requires_grad_(), U, w, 1e-6, idx, lp)),
+        (torch.ops.actreplay.topk_kl.default, (hd, U.double(), None, 1e-6, idx, lp.double())),
+        (torch.ops.actreplay.topk_kl_backward.default, (torch.ones(6, device=device), h, U, w, 1e-6, idx, lp)),
+        (torch.ops.actreplay.replay_scatter.default,
+         (h.clone().requires_grad_(), torch.tensor([1, 3], device=device), torch.randn(2, 16, device=device, requires_grad=True), "add")),
+        (torch.ops.actreplay.replay_scatter.default,
+         (h, torch.tensor([4, 0], device=device), torch.randn(2, 16, device=device), "replace")),
+        (torch.ops.actreplay.select_tokens.default,
+         (torch.rand(2, 6, device=device), torch.ones(6, dtype=torch.bool, device=device), "ratio", [0.4], "low")),
+    ]
+
+
+def test_opcheck_all_operators(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------- bad input
+
+
+def test_errors_name_the_argument(device):
+    h, U, w, idx, lp = make_kl(4, 30, 8, 3, torch.float32, device, seed=0)
+    with pytest.raises(ValueError, match=r"'topk' must be in \[0, V\].*V = unembed.size\(0\) = 30"):
+        ops.lens_entropy(h, U, w, 1e-6, 31)
+    with pytest.raises(ValueError, match="'unembed' must be \\[V, D\\] with D = hidden.size\\(1\\) = 8"):
+        ops.lens_entropy(h, U[:, :7].contiguous(), w, 1e-6, 1)
+    with pytest.raises(ValueError, match="'hidden' must be contiguous"):
+        ops.lens_entropy(torch.randn(8, 4, device=device).t(), U, w, 1e-6, 1)
+    with pytest.raises(TypeError, match="'unembed' must have the dtype of 'hidden'"):
+        ops.lens_entropy(h, U.half(), w, 1e-6, 1)
+    with pytest.raises(TypeError, match="'hidden' must be float32, bfloat16, float16 or float64"):
+        ops.lens_entropy(h.int(), U.int(), None, 1e-6, 1)
+    with pytest.raises(ValueError, match="'norm_weight' must be \\[D\\]"):
+        ops.lens_entropy(h, U, w[:5].contiguous(), 1e-6, 1)
+    with pytest.raises(IndexError, match=r"'target_idx' must hold indices in \[0, V = 30\)"):
+        ops.topk_kl(h, U, w, 1e-6, idx + 30, lp)
+    with pytest.raises(ValueError, match="'target_logp' must have the shape of 'target_idx'"):
+        ops.topk_kl(h, U, w, 1e-6, idx, lp[:, :2].contiguous())
+    with pytest.raises(ValueError, match="'target_logp' must hold log-probabilities"):
+        ops.topk_kl(h, U, w, 1e-6, idx, torch.full_like(lp, float("nan")))
+    with pytest.raises(TypeError, match="'target_idx' must be int64"):
+        ops.topk_kl(h, U, w, 1e-6, idx.int(), lp)
+    vals = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="'positions' and 'values' must have the same length"):
+        ops.replay_scatter(h, torch.tensor([0, 1, 2], device=device), vals, "add")
+    with pytest.raises(IndexError, match=r"'positions' must hold indices in \[0, T = 4\)"):
+        ops.replay_scatter(h, torch.tensor([0, 4], device=device), vals, "add")
+    with pytest.raises(ValueError, match="'positions' must be unique for mode='replace'"):
+        ops.replay_scatter(h, torch.tensor([1, 1], device=device), vals, "replace")
+    with pytest.raises(ValueError, match="'mode' must be 'add' or 'replace'"):
+        ops.replay_scatter(h, torch.tensor([1, 2], device=device), vals, "mul")
+    with pytest.raises(TypeError, match="'values' must have the dtype of 'hidden'"):
+        ops.replay_scatter(h, torch.tensor([1, 2], device=device), vals.double(), "add")
+    ent = torch.rand(2, 5, device=device)
+    cand = torch.ones(5, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="'rule' must be one of 'ratio', 'topk', 'absolute'"):
+        ops.select_tokens(ent, cand, "median", 0.4, "low")
+    with pytest.raises(ValueError, match="'side' must be 'low' or 'high'"):
+        ops.select_tokens(ent, cand, "ratio", 0.4, "middle")
+    with pytest.raises(ValueError, match="'value' must hold 1 value or one per layer"):
+        ops.select_tokens(ent, cand, "ratio", [0.1, 0.2, 0.3], "low")
+    with pytest.raises(ValueError, match="'value' must be a count"):
+        ops.select_tokens(ent, cand, "topk", 2.5, "low")
+    with pytest.raises(ValueError, match="'candidates' must be \\[N\\]"):
+        ops.select_tokens(ent, cand[:4], "ratio", 0.4, "low")
+    bad = ent.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="'entropy' holds NaN"):
+        ops.select_tokens(bad, cand, "ratio", 0.4, "low")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices_are_an_error():
+    h, U, w, idx, lp = make_kl(4, 30, 8, 3, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="'unembed' must be on the device of 'hidden'"):
+        ops.lens_entropy(h, U.cuda(), w, 1e-6, 1)
