@@ -1,17 +1,10 @@
-// Operator schemas (namespace `actreplay`), their CPU/CUDA registrations, and a
-// small pybind11 module that reports how the extension was built. Autograd and
-// fake (meta) implementations live in Python (actreplay_ext/ops.py).
-#include <torch/extension.h>
+// Operator schemas (namespace `actreplay`) and their CPU/CUDA registrations.
+// Autograd and fake (meta) implementations live in Python (actreplay_ext/ops.py);
+// the Python module itself is python_module.cpp.
 #include <torch/library.h>
 
 #include "ops.h"
 
-#ifndef ACTREPLAY_CUDA_ARCHS
-#define ACTREPLAY_CUDA_ARCHS ""
-#endif
-#ifndef ACTREPLAY_TORCH_VERSION
-#define ACTREPLAY_TORCH_VERSION "unknown"
-#endif
 
 namespace actreplay {
 namespace {
@@ -118,30 +111,3 @@ TORCH_LIBRARY_IMPL(actreplay, CUDA, m) {
 #endif
 
 }  // namespace actreplay
-
-namespace {
-
-pybind11::dict build_info() {
-  pybind11::dict info;
-#ifdef ACTREPLAY_WITH_CUDA
-  info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
-                         std::to_string((CUDA_VERSION % 1000) / 10);
-  info["cuda_archs"] = std::string(ACTREPLAY_CUDA_ARCHS);
-#else
-  info["cuda"] = false;
-  info["cuda_version"] = pybind11::none();
-  info["cuda_archs"] = std::string();
-#endif
-  info["torch_version"] = std::string(ACTREPLAY_TORCH_VERSION);
-  return info;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "actreplay_ext C++/CUDA operators (registered under torch.ops.actreplay)";
-  m.def("build_info", &build_info,
-        "How the extension was built: CUDA kernels compiled or not, CUDA version, target "
-        "archs, and the torch version it was compiled against.");
-}
