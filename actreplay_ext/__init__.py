@@ -2,6 +2,10 @@
 models, on fused C++/CUDA logit-lens operators."""
 
 from . import _C, ops, reference  # noqa: F401  (_C registers torch.ops.actreplay)
+from .adapters import get_adapter, register_adapter, supported_families
+from .config import PRESETS, ReplayConfig
+from .engine import ReplayResult, ReplayTargets, apply, compute_targets, optimize
+from .patch import ReplayHandle, patch
 
 __version__ = "0.1.0"
 
@@ -12,4 +16,8 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "ops", "reference"]
+__all__ = [
+    "PRESETS", "ReplayConfig", "ReplayHandle", "ReplayResult", "ReplayTargets", "apply", "build_info",
+    "compute_targets", "get_adapter", "ops", "optimize", "patch", "reference", "register_adapter",
+    "supported_families",
+]

@@ -19,6 +19,7 @@ __all__ = [
     "select_tokens",
     "replay_scatter",
     "topk_kl",
+    "published_replay",
 ]
 
 
@@ -146,3 +147,114 @@ def topk_kl(
     p = lp.exp()
     terms = torch.where(p > 0, p * (lp - q), torch.zeros_like(q))
     return terms.sum(-1)
+
+
+# --------------------------------------------------- the published replay loop
+
+
+def published_replay(rlvr, base, inputs, config=None):
+    """A plain-PyTorch port of the published per-prompt loop (SPEC §3), written
+    for parity tests and as the benchmark baseline, waste included: the whole
+    models (vision tower, every decoder layer, the lm_head over every position)
+    run in every step, the lens materialises full-vocabulary logits for every
+    position of the base pass and every selected token, and the weights keep
+    their requires_grad. Hooks on the decoder layers read and offset the
+    residual stream. Batch size 1 (as the published code).
+
+    Divergences from the published code, as SPEC §3 documents: the RMSNorm of
+    the loss runs in float32 (bf16 there), and the final norm is applied on the
+    RLVR side of every layer (the published code skips it at the last layer).
+
+    Returns a dict: deltas [n_vis, D] float32, losses (before each update),
+    selected (tokens per layer).
+    """
+    from .adapters import get_adapter
+    from .config import ReplayConfig
+    from .prefill import layer_output
+
+    cfg = config or ReplayConfig()
+    b_ad, r_ad = get_adapter(base, "base"), get_adapter(rlvr, "rlvr")
+    b_in, r_in = b_ad.forward_inputs(inputs), r_ad.forward_inputs(inputs)
+    ids = b_in["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError("published_replay: the published loop takes batch size 1")
+    vis_pos = b_ad.visual_mask(ids)[0].nonzero().squeeze(1)
+    n_vis = int(vis_pos.numel())
+    L, m = cfg.layers, cfg.inject_layer
+
+    # 1. Base pass: every layer's output, the full lens at every position.
+    outs = {}
+    hooks = [layer.register_forward_hook(lambda mod, a, o, l=l: outs.__setitem__(l, layer_output(o)))
+             for l, layer in enumerate(b_ad.decoder_layers()[:L])]
+    state = b_ad.model_state()
+    try:
+        with torch.no_grad():
+            base(**b_in)
+    finally:
+        for h in hooks:
+            h.remove()
+        b_ad.restore_state(state)
+    W_b, w_b, eps_b = b_ad.unembed(), b_ad.final_norm().weight, b_ad.norm_eps()
+    entropies, targets = [], []
+    with torch.no_grad():
+        for l in range(L):
+            logits = lens_logits(outs[l][0], W_b, w_b, eps_b)  # [T, V]
+            logp = torch.log_softmax(logits, -1)
+            entropies.append(-(logp.exp() * logp).sum(-1)[vis_pos])
+            targets.append(logits[vis_pos].topk(cfg.topv, dim=-1))
+    entropy = torch.stack(entropies)
+    rule, value = cfg.selection_value(n_vis)
+    mask = select_tokens(entropy, torch.ones(n_vis, dtype=torch.bool), rule, value, cfg.select)
+    mask[:m] = False
+    sel = [mask[l].nonzero().squeeze(1) for l in range(L)]
+    t_idx = [targets[l].indices[sel[l]] for l in range(L)]
+    t_p = [torch.softmax(targets[l].values[sel[l]], -1) for l in range(L)]
+
+    # 2. The offsets and the RLVR hooks: add them at the input of layer m, record
+    #    the input (published) or output (matched) of every replay layer.
+    D = outs[0].shape[-1]
+    delta = torch.zeros(n_vis, D, dtype=torch.float32, requires_grad=True)
+    acts = {}
+    layers = r_ad.decoder_layers()
+
+    def offset(mod, args, kwargs):
+        h = args[0].clone()
+        h[0, vis_pos] = (h[0, vis_pos].float() + delta).to(h.dtype)
+        acts["in", m] = h
+        return (h,) + tuple(args[1:]), kwargs
+
+    hooks = [layers[m].register_forward_pre_hook(offset, with_kwargs=True)]
+    for l in range(L):
+        if l != m:
+            hooks.append(layers[l].register_forward_pre_hook(lambda mod, a, l=l: acts.__setitem__(("in", l), a[0])))
+        hooks.append(layers[l].register_forward_hook(lambda mod, a, o, l=l: acts.__setitem__(("out", l), layer_output(o))))
+    W_r, w_r, eps_r = r_ad.unembed(), r_ad.final_norm().weight, r_ad.norm_eps()
+    side = "in" if cfg.alignment == "published" else "out"
+    losses = []
+    state = r_ad.model_state()
+    try:
+        for _ in range(cfg.steps):
+            acts.clear()
+            with torch.enable_grad():
+                rlvr(**r_in)  # the whole model, every step
+                loss = torch.zeros((), dtype=torch.float32)
+                for l in range(m, L):
+                    if sel[l].numel() == 0:
+                        continue
+                    r = acts[side, l][0, vis_pos[sel[l]]]
+                    logits = lens_logits(r, W_r, w_r, eps_r)  # [|S_l|, V]
+                    q = torch.log_softmax(logits.gather(1, t_idx[l]), -1)
+                    p = t_p[l]
+                    loss = loss + (p * (torch.log(p) - q)).sum(-1).mean()
+                if cfg.normalize:
+                    loss = loss / n_vis
+            losses.append(float(loss))
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    delta -= cfg.lr * grad
+    finally:
+        for h in hooks:
+            h.remove()
+        r_ad.restore_state(state)
+    return {"deltas": delta.detach(), "losses": losses, "selected": [int(s.numel()) for s in sel]}

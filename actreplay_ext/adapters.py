@@ -1,0 +1,202 @@
+"""Per-family adapters: where a HuggingFace VLM keeps what Activation Replay
+reads and offsets, on transformers 4.57.x and 5.x.
+
+An adapter locates the text decoder layers (whose residual stream the method
+reads), the final RMSNorm and unembedding (the logit lens), the vision tower,
+the visual placeholder token ids, and how to turn a prompt into the inputs of
+the model's forward. Adding a family is one subclass and one registry entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+__all__ = ["ModelAdapter", "QwenVLAdapter", "get_adapter", "register_adapter", "supported_families"]
+
+
+class ModelAdapter:
+    """What the engine needs from a model family. Subclasses override the
+    accessors; the defaults cover the common HF layout."""
+
+    #: class names of the ForConditionalGeneration models this adapter serves
+    model_classes: Sequence[str] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---- structure
+    def text_config(self):
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def norm_eps(self) -> float:
+        norm = self.final_norm()
+        for name in ("variance_epsilon", "eps", "epsilon"):
+            if hasattr(norm, name):
+                return float(getattr(norm, name))
+        raise AttributeError(f"cannot find the epsilon of {type(norm).__name__}")
+
+    def unembed(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def vision_tower(self) -> Optional[nn.Module]:
+        return None
+
+    def visual_token_ids(self) -> List[int]:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config().hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembed().shape[0])
+
+    # ---- inputs
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(self.visual_token_ids(), device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def forward_inputs(self, inputs: Dict) -> Dict:
+        """The user's prompt dict as the model's forward takes it."""
+        return dict(inputs)
+
+    #: forward keywords that describe the prompt (as opposed to cache/output control)
+    prompt_keys: Sequence[str] = ("input_ids", "attention_mask", "position_ids", "pixel_values",
+                                  "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                                  "second_per_grid_ts", "mm_token_type_ids")
+
+    def prompt_from_forward(self, kwargs: Dict, vision_calls: List) -> Dict:
+        """The prompt of a forward call, as inputs for another model of the family.
+
+        transformers 5.x `generate` runs the vision tower before the first
+        forward and passes only `mm_encoder_outputs`; the pixel inputs are then
+        taken from the vision tower's recorded calls (`vision_calls`, as
+        (args, kwargs), images before videos as the model encodes them)."""
+        prompt = {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        modalities = [m for m in ("image", "video") if encoded.get(m) is not None]
+        if modalities:
+            calls = vision_calls[-len(modalities):]
+            if len(calls) != len(modalities):
+                raise RuntimeError(
+                    "actreplay_ext: the vision inputs of this prompt were not seen (the model was given "
+                    "precomputed mm_encoder_outputs); pass pixel inputs to generate()"
+                )
+            names = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+            for modality, (args, kw) in zip(modalities, calls):
+                pix, grid = names[modality]
+                prompt[pix] = args[0] if args else kw.get("hidden_states", kw.get("pixel_values"))
+                prompt[grid] = kw.get("grid_thw", args[1] if len(args) > 1 else None)
+        return prompt
+
+    def model_state(self) -> Dict:
+        """Mutable state that a forward pass may change and the engine must restore."""
+        return {}
+
+    def restore_state(self, state: Dict) -> None:
+        pass
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Qwen2-VL and Qwen2.5-VL (transformers 4.57.x and 5.x share these paths)."""
+
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+    def _text_model(self):
+        return self.model.model.language_model
+
+    def decoder_layers(self):
+        return self._text_model().layers
+
+    def final_norm(self):
+        return self._text_model().norm
+
+    def unembed(self):
+        return self.model.lm_head.weight
+
+    def vision_tower(self):
+        return self.model.model.visual
+
+    def visual_token_ids(self):
+        cfg = self.model.config
+        return [int(cfg.image_token_id), int(cfg.video_token_id)]
+
+    def forward_inputs(self, inputs):
+        out = dict(inputs)
+        # transformers 5.x computes M-RoPE positions from mm_token_type_ids; without
+        # them Qwen2.5-VL silently falls back to 1-D positions. 4.57 has no such input.
+        params = inspect.signature(self.model.forward).parameters
+        if "mm_token_type_ids" in params and out.get("mm_token_type_ids") is None and "input_ids" in out:
+            ids = out["input_ids"]
+            cfg = self.model.config
+            mm = torch.zeros_like(ids, dtype=torch.int32)
+            mm[ids == cfg.image_token_id] = 1
+            mm[ids == cfg.video_token_id] = 2
+            out["mm_token_type_ids"] = mm
+        return out
+
+    def model_state(self):
+        return {"rope_deltas": getattr(self.model.model, "rope_deltas", None)}
+
+    def restore_state(self, state):
+        if hasattr(self.model.model, "rope_deltas"):
+            self.model.model.rope_deltas = state["rope_deltas"]
+
+
+_REGISTRY: Dict[str, Type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: Type[ModelAdapter]) -> Type[ModelAdapter]:
+    for name in cls.model_classes:
+        _REGISTRY[name] = cls
+    return cls
+
+
+register_adapter(QwenVLAdapter)
+
+
+def supported_families() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model: nn.Module, argument: str = "model") -> ModelAdapter:
+    name = type(model).__name__
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise TypeError(
+            f"actreplay_ext: argument '{argument}' is a {name}, which is not a supported model family; "
+            f"supported: {', '.join(supported_families())} (see the README on adding an adapter)"
+        )
+    return cls(model)
+
+
+def check_pair(rlvr: ModelAdapter, base: ModelAdapter) -> None:
+    """Base and RLVR models must share the architecture the method relies on."""
+    checks: List[Tuple[str, object, object]] = [
+        ("hidden size", rlvr.hidden_size, base.hidden_size),
+        ("vocabulary size", rlvr.vocab_size, base.vocab_size),
+        ("number of decoder layers", rlvr.num_layers, base.num_layers),
+        ("visual token ids", rlvr.visual_token_ids(), base.visual_token_ids()),
+    ]
+    for what, a, b in checks:
+        if a != b:
+            raise ValueError(
+                f"actreplay_ext: the RLVR and base models differ in {what}: RLVR has {a}, base has {b}; "
+                "Activation Replay needs a base model and the RLVR model post-trained from it"
+            )

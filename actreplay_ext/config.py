@@ -1,0 +1,116 @@
+"""ReplayConfig: the hyperparameters of SPEC §3-4, validated, with the published presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence, Union
+
+__all__ = ["ReplayConfig", "PRESETS"]
+
+_CHOICES = {
+    "alignment": ("published", "matched"),
+    "mode": ("tokens", "direct"),
+    "select": ("low", "high"),
+    "rule": ("ratio", "topk", "absolute"),
+}
+
+
+@dataclasses.dataclass
+class ReplayConfig:
+    """Activation Replay hyperparameters (defaults: the published math configuration).
+
+    layers: replay layers 0 .. layers-1.  entropy_threshold: the ratio rule's
+    threshold.  topv: size of the KL's truncated support.  lr, steps: plain
+    gradient descent.  normalize: divide the summed loss by the number of visual
+    tokens.  alignment: "published" pairs the RLVR *input* of layer l with the
+    base *output* of layer l (what produced the paper's numbers); "matched"
+    pairs outputs with outputs.  select/rule/topk_tokens/thresholds: the
+    selection variants of SPEC §4.  inject_layer: the layer whose input is offset.
+    callback: called with (step, loss) after each step's loss is known.
+    """
+
+    layers: int = 16
+    entropy_threshold: float = 0.4
+    topv: int = 50
+    lr: float = 10.0
+    steps: int = 25
+    normalize: bool = True
+    alignment: str = "published"
+    mode: str = "tokens"
+    select: str = "low"
+    rule: str = "ratio"
+    inject_layer: int = 0
+    topk_tokens: Optional[Union[int, float]] = None
+    thresholds: Optional[Sequence[float]] = None
+    callback: Optional[Callable[[int, float], None]] = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"ReplayConfig: '{name}' must be one of {', '.join(map(repr, choices))}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"ReplayConfig: 'layers' must be an int >= 1, got {self.layers!r}")
+        if not isinstance(self.topv, int) or self.topv < 1:
+            raise ValueError(f"ReplayConfig: 'topv' must be an int >= 1, got {self.topv!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"ReplayConfig: 'steps' must be an int >= 1, got {self.steps!r}")
+        if not (self.lr >= 0):
+            raise ValueError(f"ReplayConfig: 'lr' must be >= 0, got {self.lr!r}")
+        if not (self.entropy_threshold >= 0):
+            raise ValueError(
+                f"ReplayConfig: 'entropy_threshold' must be >= 0, got {self.entropy_threshold!r}"
+            )
+        if not isinstance(self.inject_layer, int) or not 0 <= self.inject_layer < self.layers:
+            raise ValueError(
+                f"ReplayConfig: 'inject_layer' must be an int in [0, layers={self.layers}), "
+                f"got {self.inject_layer!r}"
+            )
+        if self.rule == "topk":
+            k = self.topk_tokens
+            if k is None or isinstance(k, bool) or not (
+                (isinstance(k, int) and k >= 1) or (isinstance(k, float) and 0 < k <= 1)
+            ):
+                raise ValueError(
+                    "ReplayConfig: rule='topk' needs 'topk_tokens', an int count >= 1 or a float "
+                    f"fraction of the visual tokens in (0, 1], got {k!r}"
+                )
+        if self.rule == "absolute":
+            t = self.thresholds
+            if t is None or len(t) != self.layers:
+                raise ValueError(
+                    "ReplayConfig: rule='absolute' needs 'thresholds', one float per replay layer "
+                    f"({self.layers}), got {t!r}"
+                )
+            self.thresholds = [float(x) for x in t]
+        if self.mode == "direct":
+            raise NotImplementedError(
+                "ReplayConfig: mode='direct' (direct cross-model substitution) is not implemented yet"
+            )
+
+    def selection_value(self, n_visual: int):
+        """(rule, value) for actreplay.select_tokens for a prompt with n_visual tokens."""
+        if self.rule == "ratio":
+            return "ratio", [float(self.entropy_threshold)]
+        if self.rule == "absolute":
+            return "absolute", list(self.thresholds)
+        k = self.topk_tokens
+        count = k if isinstance(k, int) else int(k * n_visual)  # a fraction: floor
+        return "topk", [float(min(count, n_visual))]
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ReplayConfig":
+        if name not in PRESETS:
+            raise ValueError(
+                f"ReplayConfig.preset: unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}"
+            )
+        return cls(**{**PRESETS[name], **overrides})
+
+
+#: The published configurations (SPEC §3).
+PRESETS = {
+    "mm-eureka-7b": dict(layers=16, entropy_threshold=0.4, topv=50, lr=10.0, steps=25),
+    "vl-rethinker-7b": dict(layers=24, entropy_threshold=0.4, topv=50, lr=10.0, steps=25),
+}

@@ -1,0 +1,179 @@
+"""`patch(model, base=...)`: Activation Replay inside `generate`, through hooks.
+
+Three hooks on the RLVR model, all removed by `ReplayHandle.remove()`:
+  * a forward pre-hook on the model records the prompt of each forward call
+    (input ids, pixel inputs) and whether the call is a prefill (empty KV cache);
+  * a forward pre-hook on the vision tower records its inputs (transformers 5.x
+    encodes images in `generate` before the first forward and passes only the
+    features, so the base model's pixels are recovered from here);
+  * a forward pre-hook on decoder layer 0 runs the replay at each multimodal
+    prefill, from the layer-0 input the model has just built, and returns that
+    input with the offsets added. Decode steps pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+
+from .adapters import check_pair, get_adapter
+from .config import ReplayConfig
+from .engine import (ReplayResult, ReplayTargets, _check_config_for, add_offsets, optimize_from_prefill,
+                     targets_from_prefill)
+from .prefill import Prefill, capture_prefill, in_internal_forward, internal_forward
+
+__all__ = ["patch", "ReplayHandle"]
+
+log = logging.getLogger("actreplay_ext")
+
+
+def _kv_len(kwargs: Dict) -> int:
+    pkv = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    if pkv is None or not hasattr(pkv, "get_seq_length"):
+        return 0
+    return int(pkv.get_seq_length())
+
+
+class ReplayHandle:
+    """The installed hooks of one patched model. Use as a context manager or
+    call `remove()`. `last` is the ReplayResult of the latest prompt."""
+
+    def __init__(self, model: torch.nn.Module, base: Optional[torch.nn.Module] = None,
+                 config: Optional[ReplayConfig] = None, targets: Optional[ReplayTargets] = None,
+                 fixed_result: Optional[ReplayResult] = None):
+        self.model = model
+        self.adapter = get_adapter(model, "model")
+        self.base = base
+        self.base_adapter = get_adapter(base, "base") if base is not None else None
+        self.config = config or ReplayConfig()
+        if self.base_adapter is not None:
+            check_pair(self.adapter, self.base_adapter)
+            _check_config_for(self.base_adapter, self.config, "base")
+        if fixed_result is None:
+            _check_config_for(self.adapter, self.config, "RLVR")
+        self._targets = targets
+        self._fixed = fixed_result
+        self.last: Optional[ReplayResult] = None
+        self._call: Optional[Dict] = None
+        self._visual_calls: List = []
+        self._handles = []
+        self._install()
+        if base is None and targets is None and fixed_result is None:
+            warnings.warn(
+                "actreplay_ext.patch: no base model and no targets given, so generation is unchanged; "
+                "pass base=... or call handle.set_targets(...)",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------ lifecycle
+    def _install(self):
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+            tower = self.adapter.vision_tower()
+            if tower is not None:
+                self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
+            layer0 = self.adapter.decoder_layers()[0]
+            self._handles.append(layer0.register_forward_pre_hook(self._on_layer0, with_kwargs=True))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before patch()."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget per-conversation state (the pending call, recorded vision inputs, `last`)."""
+        self._call = None
+        self._visual_calls = []
+        self.last = None
+
+    def set_targets(self, targets: Optional[ReplayTargets]) -> None:
+        self._targets = targets
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    # ---------------------------------------------------------------- hooks
+    def _on_vision(self, module, args, kwargs):
+        if not in_internal_forward():
+            self._visual_calls.append((args, dict(kwargs)))
+        return None
+
+    def _on_forward(self, module, args, kwargs):
+        if in_internal_forward():
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        prefill = _kv_len(kwargs) == 0
+        if not prefill:
+            self._visual_calls = []
+        self._call = {"kwargs": kwargs, "input_ids": ids, "prefill": prefill}
+        return None
+
+    def _on_layer0(self, module, args, kwargs):
+        if in_internal_forward():
+            return None
+        call, self._call = self._call, None
+        if call is None or not call["prefill"] or call["input_ids"] is None:
+            return None
+        visual_calls, self._visual_calls = self._visual_calls, []
+        ids = call["input_ids"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        visual = self.adapter.visual_mask(ids)
+
+        if self._fixed is not None:
+            new = add_offsets(hidden, visual, self._fixed.flat_deltas())
+        else:
+            if not bool(visual.any()):
+                self.last = ReplayResult(torch.zeros(0, hidden.shape[-1]), [], [0] * self.config.layers,
+                                         [0] * ids.shape[0], {}, note="no visual tokens: nothing replayed",
+                                         input_ids=ids)
+                return None
+            targets = self._targets_for(call, visual_calls)
+            if targets is None:
+                return None
+            pre = Prefill(hidden.detach(), kwargs, ids, visual)
+            with internal_forward():
+                result = optimize_from_prefill(self.adapter, pre, targets, self.config)
+            self.last = result
+            log.info("actreplay: replayed %d visual tokens, loss %.4g -> %.4g",
+                     sum(result.n_visual), result.losses[0], result.losses[-1])
+            new = add_offsets(hidden, visual, result.flat_deltas())
+        if args:
+            return (new,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=new)
+        return args, kwargs
+
+    # -------------------------------------------------------------- targets
+    def _targets_for(self, call: Dict, visual_calls: List) -> Optional[ReplayTargets]:
+        if self.base_adapter is None:
+            return self._targets  # set_targets(); optimize_from_prefill checks the prompt
+        prompt = self.adapter.prompt_from_forward(call["kwargs"], visual_calls)
+        prompt = {k: (v.to(self._base_device()) if isinstance(v, torch.Tensor) else v) for k, v in prompt.items()}
+        with internal_forward():
+            pre = capture_prefill(self.base_adapter, prompt)
+            return targets_from_prefill(self.base_adapter, pre, self.config)
+
+    def _base_device(self):
+        return getattr(self.base, "device", None) or next(self.base.parameters()).device
+
+
+def patch(model: torch.nn.Module, base: Optional[torch.nn.Module] = None, config: Optional[ReplayConfig] = None,
+          targets: Optional[ReplayTargets] = None) -> ReplayHandle:
+    """Make `model.generate` (and every forward) run Activation Replay at each new
+    multimodal prefill, against `base` (or fixed `targets`)."""
+    return ReplayHandle(model, base=base, config=config, targets=targets)

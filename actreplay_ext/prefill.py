@@ -1,0 +1,134 @@
+"""The prefill as the replay loop sees it: the input of decoder layer 0 (merged
+text and vision embeddings) and the keyword arguments every decoder layer
+receives (masks, rotary embeddings, position ids), captured once per prompt so
+the loop can run the decoder layers alone (SPEC §5.1-5.3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from .adapters import ModelAdapter
+
+__all__ = ["Prefill", "capture_prefill", "prefix_layer_kwargs", "layer_output", "frozen_parameters"]
+
+
+_internal = threading.local()
+
+
+def in_internal_forward() -> bool:
+    """True inside a forward pass that the library itself runs."""
+    return getattr(_internal, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def internal_forward() -> Iterator[None]:
+    """Marks forwards run by the library, so that patch() hooks stay out of them."""
+    _internal.depth = getattr(_internal, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _internal.depth -= 1
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the forward has produced what we need."""
+
+
+@dataclasses.dataclass
+class Prefill:
+    hidden0: torch.Tensor  # [B, T, D] input of decoder layer 0
+    layer_kwargs: Dict  # keyword arguments of the decoder layers in this forward
+    input_ids: torch.Tensor  # [B, T]
+    visual: torch.Tensor  # [B, T] bool, visual placeholder positions
+
+    @property
+    def prefix_len(self) -> int:
+        """Length of the prefix that ends at the last visual token of any row."""
+        cols = self.visual.any(0).nonzero()
+        return int(cols[-1]) + 1 if cols.numel() else 0
+
+    def visual_rows(self) -> List[int]:
+        return [int(n) for n in self.visual.sum(1)]
+
+
+def layer_output(out):
+    """Decoder layers return a tuple in transformers 4.57 and a tensor in 5.x."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
+    """Run `model(**inputs)` only as far as the input of decoder layer 0 (the
+    vision tower and embedding merge run; no decoder layer does) and return it.
+    The model's mutable state (e.g. Qwen's rope_deltas) is left as it was."""
+    model = adapter.model
+    fwd = adapter.forward_inputs(inputs)
+    fwd.pop("use_cache", None)
+    if fwd.get("input_ids") is None:
+        raise ValueError(
+            "actreplay_ext: argument 'inputs' needs 'input_ids' (the visual placeholder tokens "
+            "locate the positions to replay); got keys " + ", ".join(sorted(inputs))
+        )
+    seen: Dict = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    state = adapter.model_state()
+    handle = adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), internal_forward():
+            model(**fwd, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+        adapter.restore_state(state)
+    if "hidden" not in seen:
+        raise RuntimeError("actreplay_ext: the forward pass never reached decoder layer 0")
+    ids = fwd["input_ids"]
+    return Prefill(seen["hidden"], seen["kwargs"], ids, adapter.visual_mask(ids))
+
+
+def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
+    """The decoder-layer kwargs of a full prefill, cut to its first P positions,
+    without a KV cache. Under causal attention positions < P see only positions
+    < P, so the prefix activations are unchanged (SPEC §5.3)."""
+    out = dict(kwargs)
+    for key in ("past_key_values", "past_key_value"):
+        if key in out:
+            out[key] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    if "output_attentions" in out:
+        out["output_attentions"] = False
+    mask = out.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        out["attention_mask"] = mask[..., :P, :P] if mask.dim() == 4 else mask[..., :P]
+    pe = out.get("position_embeddings")
+    if isinstance(pe, (tuple, list)):
+        out["position_embeddings"] = tuple(t[..., :P, :] for t in pe)
+    for key in ("position_ids", "cache_position"):
+        if isinstance(out.get(key), torch.Tensor):
+            out[key] = out[key][..., :P]
+    return out
+
+
+@contextlib.contextmanager
+def frozen_parameters(*models: torch.nn.Module) -> Iterator[None]:
+    """Model weights take no part in autograd (SPEC §5.6); flags restored after."""
+    flags = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -1,0 +1,129 @@
+"""An embedded tiny base/RLVR pair and hand-built prompts, for the demo, the
+tests and the CPU benchmarks. No download, no processor: random weights from
+HF configs, on transformers 4.57.x and 5.x alike.
+
+The RLVR model is the base with perturbed decoder-layer weights. Random tiny
+models have near-uniform logit-lens entropies, so the final-norm weight is
+scaled up (`sharpen`) to give the selection rules real subsets to pick.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["make_model", "make_pair", "make_inputs", "FAMILIES"]
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 990, 991, 992, 993
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
+TEXT_IDS = (3, 900)
+
+
+def _config(family: str, hidden: int, layers: int, vocab: int, heads: int):
+    import transformers
+
+    head_dim = hidden // heads
+    half = head_dim // 2
+    sections = [half - 2 * (half // 3), half // 3, half // 3]  # M-RoPE sections sum to head_dim / 2
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": sections},
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=2)
+    if family == "qwen2_vl":
+        cls = transformers.Qwen2VLConfig
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, mlp_ratio=2, **common)
+    elif family == "qwen2_5_vl":
+        cls = transformers.Qwen2_5_VLConfig
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=56,
+                      fullatt_block_indexes=[1], tokens_per_second=2, **common)
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
+               vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID, bos_token_id=BOS_ID,
+               eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def model_class(family: str):
+    import transformers
+
+    return {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+            "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[family]
+
+
+def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 1000,
+               heads: int = 4, attn_implementation: str = "eager", dtype=torch.float32, sharpen: float = 35.0):
+    torch.manual_seed(seed)
+    cfg = _config(family, hidden, layers, vocab, heads)
+    model = model_class(family)._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    model.eval()
+    with torch.no_grad():
+        model.model.language_model.norm.weight.mul_(sharpen)
+    model.generation_config.eos_token_id = None  # fixed-length greedy generations
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def make_pair(family: str = "qwen2_5_vl", seed: int = 0, noise: float = 0.05, **kwargs):
+    """(base, rlvr): rlvr is base with Gaussian noise (std = noise * the parameter's
+    std) on every text decoder-layer weight."""
+    base = make_model(family, seed=seed, **kwargs)
+    rlvr = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed + 1234)
+    with torch.no_grad():
+        for p in rlvr.model.language_model.layers.parameters():
+            std = float(p.float().std()) if p.numel() > 1 else 0.0
+            scale = std if std > 0 else 1.0
+            p.add_((torch.randn(p.shape, generator=g) * noise * scale).to(p.dtype))
+    return base, rlvr
+
+
+def make_inputs(model, images: Sequence[Tuple[int, int]] = ((8, 8),), video: Optional[Tuple[int, int, int]] = None,
+                text_len: int = 16, batch: int = 1, seed: int = 0, left_pad: Sequence[int] = ()) -> Dict:
+    """A prompt built by hand: text, then each image (grid h x w in patches; h*w/4
+    visual tokens), then an optional video (grid t x h x w), then text.
+    `left_pad[b]` pad tokens are prepended to row b (attention mask 0)."""
+    cfg = model.config
+    vcfg = cfg.vision_config
+    merge = vcfg.spatial_merge_size
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = TEXT_IDS
+    rows = []
+    for _ in range(batch):
+        ids = torch.randint(lo, hi, (text_len // 2,), generator=g).tolist()
+        for h, w in images:
+            ids += [VISION_START_ID] + [IMAGE_TOKEN_ID] * (h * w // merge**2) + [VISION_END_ID]
+        if video is not None:
+            t, h, w = video
+            ids += [VISION_START_ID] + [VIDEO_TOKEN_ID] * (t * h * w // merge**2) + [VISION_END_ID]
+        ids += torch.randint(lo, hi, (text_len - text_len // 2,), generator=g).tolist()
+        rows.append(ids)
+    pads = list(left_pad) + [0] * (batch - len(left_pad))
+    width = max(len(r) + p for r, p in zip(rows, pads))
+    input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    pdim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+    dtype = next(model.parameters()).dtype
+    if images:
+        grids = [(1, h, w) for h, w in images] * batch
+        out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        out["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in grids), pdim, generator=g).to(dtype)
+    if video is not None:
+        grids = [tuple(video)] * batch
+        out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        out["pixel_values_videos"] = torch.randn(sum(t * h * w for t, h, w in grids), pdim, generator=g).to(dtype)
+    # transformers 5.x takes mm_token_type_ids (0 text, 1 image, 2 video); 4.57 rejects it in generate.
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        mm = torch.zeros_like(input_ids, dtype=torch.int32)
+        mm[input_ids == IMAGE_TOKEN_ID] = 1
+        mm[input_ids == VIDEO_TOKEN_ID] = 2
+        out["mm_token_type_ids"] = mm
+    return out
