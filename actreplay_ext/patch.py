@@ -86,7 +86,8 @@ class ReplayHandle:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.reset()
+        self._call = None
+        self._visual_calls = []
 
     def reset(self) -> None:
         """Forget per-conversation state (the pending call, recorded vision inputs, `last`)."""

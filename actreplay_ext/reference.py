@@ -248,7 +248,7 @@ def published_replay(rlvr, base, inputs, config=None):
                     loss = loss + (p * (torch.log(p) - q)).sum(-1).mean()
                 if cfg.normalize:
                     loss = loss / n_vis
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
