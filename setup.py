@@ -24,31 +24,39 @@ def _truthy(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _is_toolkit(home):
+    return os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(home, "include", "cuda_runtime.h")
+    )
+
+
 def _find_cuda_home(torch_cuda_version):
     """The toolkit directory, without the user having to set CUDA_HOME."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.isdir(os.environ[var]):
+        if os.environ.get(var) and _is_toolkit(os.environ[var]):
             return os.environ[var]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        # Resolve wrapper scripts and symlinks (e.g. /usr/local/bin/nvcc -> toolkit).
+        # nvcc may be a symlink or a wrapper script (e.g. /usr/local/bin/nvcc that
+        # execs the toolkit's): resolve links, then look inside small scripts.
         real = os.path.realpath(nvcc)
         home = os.path.dirname(os.path.dirname(real))
-        if os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isdir(
-            os.path.join(home, "include")
-        ):
+        if _is_toolkit(home):
             return home
-        with open(real, "rb") as f:
-            head = f.read(4096).decode("utf-8", "ignore")
-        for token in head.split():
-            if token.endswith("/bin/nvcc") and os.path.isfile(token):
-                return os.path.dirname(os.path.dirname(token))
+        if os.path.getsize(real) < 65536:
+            with open(real, "rb") as f:
+                head = f.read().decode("utf-8", "ignore")
+            for token in head.split():
+                if token.endswith("/bin/nvcc"):
+                    home = os.path.dirname(os.path.dirname(token))
+                    if _is_toolkit(home):
+                        return home
     candidates = []
     if torch_cuda_version:
         candidates.append(f"/usr/local/cuda-{torch_cuda_version}")
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for c in candidates:
-        if os.path.isfile(os.path.join(c, "bin", "nvcc")):
+        if _is_toolkit(c):
             return c
     return None
 

@@ -23,14 +23,16 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 TEXT_IDS = (3, 900)
 
 
-def _config(family: str, hidden: int, layers: int, vocab: int, heads: int):
+def _config(family: str, hidden: int, layers: int, vocab: int, heads: int, kv_heads: Optional[int] = None,
+            intermediate: Optional[int] = None):
     import transformers
 
     head_dim = hidden // heads
     half = head_dim // 2
     sections = [half - 2 * (half // 3), half // 3, half // 3]  # M-RoPE sections sum to head_dim / 2
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=32768,
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads or max(1, heads // 2), max_position_embeddings=32768,
                 rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": sections},
                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=2)
@@ -56,10 +58,13 @@ def model_class(family: str):
 
 
 def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, layers: int = 4, vocab: int = 1000,
-               heads: int = 4, attn_implementation: str = "eager", dtype=torch.float32, sharpen: float = 35.0):
+               heads: int = 4, kv_heads: Optional[int] = None, intermediate: Optional[int] = None,
+               attn_implementation: str = "eager", dtype=torch.float32, sharpen: float = 35.0, device=None):
+    """A random model; `device` builds the weights there directly (7B-shaped models on a GPU)."""
     torch.manual_seed(seed)
-    cfg = _config(family, hidden, layers, vocab, heads)
-    model = model_class(family)._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    cfg = _config(family, hidden, layers, vocab, heads, kv_heads, intermediate)
+    with torch.device(device or "cpu"):
+        model = model_class(family)._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
     model.eval()
     with torch.no_grad():
         model.model.language_model.norm.weight.mul_(sharpen)
@@ -73,12 +78,13 @@ def make_pair(family: str = "qwen2_5_vl", seed: int = 0, noise: float = 0.05, **
     std) on every text decoder-layer weight."""
     base = make_model(family, seed=seed, **kwargs)
     rlvr = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed + 1234)
+    dev = next(base.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed + 1234)
     with torch.no_grad():
         for p in rlvr.model.language_model.layers.parameters():
             std = float(p.float().std()) if p.numel() > 1 else 0.0
             scale = std if std > 0 else 1.0
-            p.add_((torch.randn(p.shape, generator=g) * noise * scale).to(p.dtype))
+            p.add_((torch.randn(p.shape, generator=g, device=dev) * noise * scale).to(p.dtype))
     return base, rlvr
 
 
