@@ -1,7 +1,14 @@
 """Activation Replay (Xing et al., CVPR 2026) for HuggingFace vision-language
 models, on fused C++/CUDA logit-lens operators."""
 
-from . import _C, ops, reference  # noqa: F401  (_C registers torch.ops.actreplay)
+try:
+    from . import _C  # registers torch.ops.actreplay
+except ImportError as e:  # pragma: no cover - a source tree without the build
+    raise ImportError(
+        "actreplay_ext: the compiled extension actreplay_ext._C is missing; install the package "
+        "(pip install --no-build-isolation .) and import it from outside the source tree"
+    ) from e
+from . import ops, reference  # noqa: E402
 from .adapters import get_adapter, register_adapter, supported_families
 from .config import PRESETS, ReplayConfig
 from .engine import ReplayResult, ReplayTargets, apply, compute_targets, optimize

@@ -23,4 +23,18 @@ void sum_exp_shifted(const float* z, int64_t n, float m, float* s_out, float* t_
   *t_out = t;
 }
 
+ACTREPLAY_SIMD_CLONES
+float dot_f32(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+ACTREPLAY_SIMD_CLONES
+void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
 }  // namespace actreplay

@@ -39,6 +39,11 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// <a, b> and y += alpha * x over n floats; defined in fast_math.cpp with
+// AVX-512/AVX2 clones like sum_exp_shifted.
+float dot_f32(const float* a, const float* b, int64_t n);
+void axpy_f32(float alpha, const float* x, float* y, int64_t n);
+
 // s = sum_j exp(z_j - m), t = sum_j exp(z_j - m) * (z_j - m), for z_j <= m.
 // Defined in fast_math.cpp, compiled for AVX-512, AVX2 and generic x86-64.
 void sum_exp_shifted(const float* z, int64_t n, float m, float* s, float* t);

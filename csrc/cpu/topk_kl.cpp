@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/fast_math.h"
@@ -16,22 +17,46 @@
 namespace actreplay {
 namespace {
 
+// A row of the unembedding in the accumulation type: float rows are used in
+// place, half/bf16 rows are widened into `buf`.
 template <typename scalar_t, typename acc_t>
-acc_t dot(const acc_t* x, const scalar_t* w, int64_t D) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) s += x[d] * static_cast<acc_t>(w[d]);
-  return s;
+const acc_t* widen(const scalar_t* w, int64_t D, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return w;
+  } else {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(w[d]);
+    return buf;
+  }
+}
+
+template <typename acc_t>
+acc_t dot(const acc_t* x, const acc_t* w, int64_t D) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return dot_f32(x, w, D);
+  } else {
+    acc_t s = 0;
+    for (int64_t d = 0; d < D; ++d) s += x[d] * w[d];
+    return s;
+  }
+}
+
+template <typename acc_t>
+void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t D) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    axpy_f32(alpha, x, y, D);
+  } else {
+    for (int64_t d = 0; d < D; ++d) y[d] += alpha * x[d];
+  }
 }
 
 // For one row: z_j = <xn, U[idx_j]>, then q = log_softmax(z) in place of z,
 // returning the row's KL. `pr` receives p_j = exp(target_logp_j).
 template <typename scalar_t, typename acc_t, typename logp_t>
 acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
-             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr) {
+             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr, acc_t* buf) {
   acc_t zmax = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < k; ++j) {
-    z[j] = dot<scalar_t, acc_t>(xn, U + idx[j] * D, D);
+    z[j] = dot<acc_t>(xn, widen<scalar_t, acc_t>(U + idx[j] * D, D, buf), D);
     zmax = std::max(zmax, z[j]);
   }
   acc_t se = 0;
@@ -62,10 +87,10 @@ void topk_kl_forward_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
   const logp_t* LP = target_logp.data_ptr<logp_t>();
   acc_t* O = out.data_ptr<acc_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> z(k), pr(k);
+    std::vector<acc_t> z(k), pr(k), buf(D);
     for (int64_t i = b; i < e; ++i)
       O[i] = row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, I + i * k, LP + i * k, k, z.data(),
-                                             pr.data());
+                                             pr.data(), buf.data());
   });
 }
 
@@ -92,19 +117,18 @@ void topk_kl_backward_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden
   scalar_t* GH = grad_hidden.data_ptr<scalar_t>();
 
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> z(k), pr(k), gx(D);
+    std::vector<acc_t> z(k), pr(k), gx(D), buf(D);
     for (int64_t i = b; i < e; ++i) {
       const int64_t* idx = I + i * k;
-      row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, idx, LP + i * k, k, z.data(), pr.data());
+      row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, idx, LP + i * k, k, z.data(), pr.data(),
+                                      buf.data());
       // d kl / d z_j = softmax(z)_j * sum(p) - p_j   (z now holds log q)
       acc_t psum = 0;
       for (int64_t j = 0; j < k; ++j) psum += pr[j];
       std::fill(gx.begin(), gx.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         const acc_t gz = G[i] * (std::exp(z[j]) * psum - pr[j]);
-        const scalar_t* u = U + idx[j] * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) gx[d] += gz * static_cast<acc_t>(u[d]);
+        axpy<acc_t>(gz, widen<scalar_t, acc_t>(U + idx[j] * D, D, buf.data()), gx.data(), D);
       }
       scalar_t* out = GH + i * D;
       if (!has_norm) {
