@@ -1,9 +1,11 @@
 """Activation Replay (Xing et al., CVPR 2026) for HuggingFace vision-language
 models, on fused C++/CUDA logit-lens operators."""
 
+import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
+
 try:
     from . import _C  # registers torch.ops.actreplay
-except ImportError as e:  # pragma: no cover - a source tree without the build
+except ModuleNotFoundError as e:  # pragma: no cover - a source tree without the build
     raise ImportError(
         "actreplay_ext: the compiled extension actreplay_ext._C is missing; install the package "
         "(pip install --no-build-isolation .) and import it from outside the source tree"
