@@ -98,7 +98,10 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is inlined into our code and runs serially
+    # without it (torch's OpenMP backend); torch ships the libgomp it loads.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = [("ACTREPLAY_TORCH_VERSION", f'"{torch.__version__}"')]
     if with_cuda:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -122,6 +125,7 @@ def _extensions():
                     "cxx": cxx_flags + system_includes,
                     "nvcc": nvcc_flags + system_includes,
                 },
+                extra_link_args=link_flags,
             )
         ]
     print(
@@ -136,6 +140,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 

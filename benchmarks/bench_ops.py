@@ -50,6 +50,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap():
+    """Hand freed heap pages back to the OS (glibc keeps them resident), so the
+    next peak-RSS reading counts what the measured call allocates."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(fn, device: str, repeats: int, warmup: int = 1):
     """(median seconds, peak extra bytes) of fn()."""
     for _ in range(warmup):
@@ -74,6 +87,7 @@ def measure(fn, device: str, repeats: int, warmup: int = 1):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        _release_free_heap()
         base = _rss_kib("VmRSS")
         peak = None
         if _reset_peak_rss():

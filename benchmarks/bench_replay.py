@@ -29,7 +29,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import _reset_peak_rss, _rss_kib  # noqa: E402
+from bench_ops import _release_free_heap, _reset_peak_rss, _rss_kib  # noqa: E402
 
 
 def image_grid(n_visual: int):
@@ -63,6 +63,7 @@ def measure(fn, device):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        _release_free_heap()
         base = _rss_kib("VmRSS")
         _reset_peak_rss()
     t0 = time.perf_counter()

@@ -25,9 +25,18 @@ void sum_exp_shifted(const float* z, int64_t n, float m, float* s_out, float* t_
 
 ACTREPLAY_SIMD_CLONES
 float dot_f32(const float* a, const float* b, int64_t n) {
+  // 32 independent partial sums (several vector registers) so consecutive
+  // fused multiply-adds do not wait on each other.
+  float acc[32] = {0.f};
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+#pragma omp simd
+    for (int t = 0; t < 32; ++t) acc[t] += a[j + t] * b[j + t];
+  }
   float s = 0.f;
+  for (; j < n; ++j) s += a[j] * b[j];
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  for (int t = 0; t < 32; ++t) s += acc[t];
   return s;
 }
 

@@ -49,14 +49,27 @@ void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t D) {
   }
 }
 
+// Ask for the next gathered unembedding row while the current one is used:
+// the rows are scattered over the whole matrix, so each one starts a DRAM miss.
+template <typename scalar_t>
+void prefetch_row(const scalar_t* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(p + b);
+}
+
 // For one row: z_j = <xn, U[idx_j]>, then q = log_softmax(z) in place of z,
-// returning the row's KL. `pr` receives p_j = exp(target_logp_j).
+// returning the row's KL. `pr` receives p_j = exp(target_logp_j). With `keep`
+// (k x D), the gathered rows are also kept there in the accumulation type, so
+// that the backward reads them from cache rather than from the matrix again.
 template <typename scalar_t, typename acc_t, typename logp_t>
 acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
-             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr, acc_t* buf) {
+             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr, acc_t* buf, acc_t* keep = nullptr) {
   acc_t zmax = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < k; ++j) {
-    z[j] = dot<acc_t>(xn, widen<scalar_t, acc_t>(U + idx[j] * D, D, buf), D);
+    if (j + 1 < k) prefetch_row(U + idx[j + 1] * D, D);
+    const acc_t* u = widen<scalar_t, acc_t>(U + idx[j] * D, D, keep ? keep + j * D : buf);
+    if (keep && u != keep + j * D) std::copy(u, u + D, keep + j * D);
+    z[j] = dot<acc_t>(xn, u, D);
     zmax = std::max(zmax, z[j]);
   }
   acc_t se = 0;
@@ -117,18 +130,18 @@ void topk_kl_backward_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden
   scalar_t* GH = grad_hidden.data_ptr<scalar_t>();
 
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> z(k), pr(k), gx(D), buf(D);
+    std::vector<acc_t> z(k), pr(k), gx(D), buf(D), rows(k * D);
     for (int64_t i = b; i < e; ++i) {
       const int64_t* idx = I + i * k;
       row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, idx, LP + i * k, k, z.data(), pr.data(),
-                                      buf.data());
+                                      buf.data(), rows.data());
       // d kl / d z_j = softmax(z)_j * sum(p) - p_j   (z now holds log q)
       acc_t psum = 0;
       for (int64_t j = 0; j < k; ++j) psum += pr[j];
       std::fill(gx.begin(), gx.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         const acc_t gz = G[i] * (std::exp(z[j]) * psum - pr[j]);
-        axpy<acc_t>(gz, widen<scalar_t, acc_t>(U + idx[j] * D, D, buf.data()), gx.data(), D);
+        axpy<acc_t>(gz, rows.data() + j * D, gx.data(), D);
       }
       scalar_t* out = GH + i * D;
       if (!has_norm) {
