@@ -23,18 +23,11 @@ from .adapters import check_pair, get_adapter
 from .config import ReplayConfig
 from .engine import (ReplayResult, ReplayTargets, _check_config_for, add_offsets, optimize_from_prefill,
                      targets_from_prefill)
-from .prefill import Prefill, capture_prefill, in_internal_forward, internal_forward
+from .prefill import Prefill, cache_length, capture_prefill, in_internal_forward, internal_forward
 
 __all__ = ["patch", "ReplayHandle"]
 
 log = logging.getLogger("actreplay_ext")
-
-
-def _kv_len(kwargs: Dict) -> int:
-    pkv = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    if pkv is None or not hasattr(pkv, "get_seq_length"):
-        return 0
-    return int(pkv.get_seq_length())
 
 
 class ReplayHandle:
@@ -119,7 +112,7 @@ class ReplayHandle:
         if in_internal_forward():
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        prefill = _kv_len(kwargs) == 0
+        prefill = cache_length(kwargs) == 0
         if not prefill:
             self._visual_calls = []
         self._call = {"kwargs": kwargs, "input_ids": ids, "prefill": prefill}

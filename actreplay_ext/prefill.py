@@ -36,6 +36,20 @@ def internal_forward() -> Iterator[None]:
         _internal.depth -= 1
 
 
+#: Names the KV cache goes by in decoder-layer and model forwards across
+#: transformers versions (5.24 renamed past_key_values to cache).
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def cache_length(kwargs: Dict) -> int:
+    """Tokens already in the KV cache passed in `kwargs` (0 without a cache)."""
+    for key in CACHE_KWARGS:
+        cache = kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
 class _StopForward(Exception):
     """Raised from a hook once the forward has produced what we need."""
 
@@ -102,7 +116,7 @@ def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
     without a KV cache. Under causal attention positions < P see only positions
     < P, so the prefix activations are unchanged (SPEC §5.3)."""
     out = dict(kwargs)
-    for key in ("past_key_values", "past_key_value"):
+    for key in CACHE_KWARGS:
         if key in out:
             out[key] = None
     if "use_cache" in out:
