@@ -99,11 +99,44 @@ class ModelAdapter:
                     "precomputed mm_encoder_outputs); pass pixel inputs to generate()"
                 )
             names = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+            token_ids = dict(zip(("image", "video"), self.visual_token_ids()))
             for modality, (args, kw) in zip(modalities, calls):
                 pix, grid = names[modality]
-                prompt[pix] = args[0] if args else kw.get("hidden_states", kw.get("pixel_values"))
-                prompt[grid] = kw.get("grid_thw", args[1] if len(args) > 1 else None)
+                pixels = args[0] if args else kw.get("hidden_states", kw.get("pixel_values"))
+                grids = kw.get("grid_thw", args[1] if len(args) > 1 else None)
+                prompt[pix], prompt[grid] = self._expand_to_rows(
+                    prompt["input_ids"], token_ids[modality], pixels, grids)
         return prompt
+
+    def tokens_per_item(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Placeholder tokens of each image/video given its (t, h, w) patch grid."""
+        raise NotImplementedError
+
+    def _expand_to_rows(self, input_ids, token_id, pixels, grids):
+        """`generate(num_return_sequences=K)` in transformers 5.x encodes each
+        image once and repeats the prompt rows K times; repeat the images (and
+        their patch rows) to match the rows, in row order."""
+        per_row = (input_ids == token_id).sum(1).tolist()
+        per_item = self.tokens_per_item(grids).tolist()
+        if sum(per_row) == sum(per_item):
+            return pixels, grids
+        K = sum(per_row) // max(sum(per_item), 1)
+        if K * sum(per_item) != sum(per_row) or len(per_row) % K:
+            raise RuntimeError("actreplay_ext: cannot match the recorded vision inputs to the prompt rows")
+        patches = grids.prod(-1).tolist()
+        offsets = [sum(patches[:i]) for i in range(len(patches))]
+        items, item = [], 0
+        for s in range(len(per_row) // K):  # rows s*K .. s*K+K-1 repeat sample s
+            need, mine = per_row[s * K], []
+            while need > 0:
+                mine.append(item)
+                need -= per_item[item]
+                item += 1
+            items += mine * K
+        rows = [r for i in items for r in range(offsets[i], offsets[i] + patches[i])]
+        dev = pixels.device
+        return (pixels.index_select(0, torch.tensor(rows, device=dev)),
+                grids.index_select(0, torch.tensor(items, device=grids.device)))
 
     def model_state(self) -> Dict:
         """Mutable state that a forward pass may change and the engine must restore."""
@@ -150,6 +183,10 @@ class QwenVLAdapter(ModelAdapter):
             mm[ids == cfg.video_token_id] = 2
             out["mm_token_type_ids"] = mm
         return out
+
+    def tokens_per_item(self, grid_thw):
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        return grid_thw.prod(-1) // (merge * merge)
 
     def model_state(self):
         return {"rope_deltas": getattr(self.model.model, "rope_deltas", None)}

@@ -22,7 +22,8 @@ import torch
 from . import ops
 from .adapters import ModelAdapter, check_pair, get_adapter
 from .config import ReplayConfig
-from .prefill import Prefill, capture_prefill, frozen_parameters, layer_output, prefix_layer_kwargs
+from .prefill import (Prefill, capture_prefill, distinct_rows, frozen_parameters, layer_output,
+                      prefix_layer_kwargs)
 
 __all__ = ["ReplayTargets", "ReplayResult", "compute_targets", "optimize", "apply"]
 
@@ -48,6 +49,7 @@ class ReplayTargets:
     target_idx: List[torch.Tensor]
     target_logp: List[torch.Tensor]
     config: Dict  # the fields of ReplayConfig the targets depend on
+    row_map: Optional[List[int]] = None  # batch row -> distinct row (identical rows share targets)
 
     @property
     def layers(self) -> int:
@@ -73,7 +75,8 @@ class ReplayTargets:
             tensors[f"target_idx.{l}"] = self.target_idx[l].cpu().contiguous()
             tensors[f"target_logp.{l}"] = self.target_logp[l].cpu().contiguous()
         meta = {"format": "actreplay_ext.ReplayTargets/1", "n_visual": json.dumps(self.n_visual),
-                "config": json.dumps(self.config), "layers": str(self.layers)}
+                "config": json.dumps(self.config), "layers": str(self.layers),
+                "row_map": json.dumps(self.row_map)}
         save_file(tensors, path, metadata=meta)
 
     @classmethod
@@ -91,7 +94,7 @@ class ReplayTargets:
                 selected=[get(f"selected.{l}") for l in range(L)],
                 target_idx=[get(f"target_idx.{l}") for l in range(L)],
                 target_logp=[get(f"target_logp.{l}") for l in range(L)],
-                config=json.loads(meta["config"]),
+                config=json.loads(meta["config"]), row_map=json.loads(meta.get("row_map", "null")),
             )
 
 
@@ -111,6 +114,7 @@ class ReplayResult:
     timings: Dict[str, float]
     note: str = ""
     input_ids: Optional[torch.Tensor] = None
+    optimized_rows: int = 0  # distinct rows the loop ran on (identical rows share offsets)
 
     @property
     def replayed(self) -> bool:
@@ -174,6 +178,7 @@ def compute_targets(base: torch.nn.Module, inputs: Dict, config: Optional[Replay
 
 
 def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig) -> ReplayTargets:
+    pre, row_map = distinct_rows(pre)
     n_visual = pre.visual_rows()
     P = pre.prefix_len
     L = cfg.layers
@@ -181,7 +186,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         empty = [torch.empty(0, dtype=torch.long) for _ in range(L)]
         return ReplayTargets(pre.input_ids.cpu(), n_visual, torch.empty(L, 0), empty,
                              [torch.empty(0, cfg.topv, dtype=torch.long) for _ in range(L)],
-                             [torch.empty(0, cfg.topv) for _ in range(L)], _target_config(cfg))
+                             [torch.empty(0, cfg.topv) for _ in range(L)], _target_config(cfg), row_map)
     unembed, norm_w, eps = _lens_params(adapter)
     flat_vis = pre.visual[:, :P].reshape(-1).nonzero().squeeze(1)
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, P)
@@ -205,7 +210,8 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         selected.append(sel)
         t_idx.append(top_idx[l].index_select(0, sel))
         t_logp.append(torch.log_softmax(top_vals[l].index_select(0, sel), dim=-1))
-    return ReplayTargets(pre.input_ids.cpu(), n_visual, entropy, selected, t_idx, t_logp, _target_config(cfg))
+    return ReplayTargets(pre.input_ids.cpu(), n_visual, entropy, selected, t_idx, t_logp, _target_config(cfg),
+                         row_map)
 
 
 def _select(entropy: torch.Tensor, n_visual: Sequence[int], cfg: ReplayConfig) -> torch.Tensor:
@@ -239,7 +245,12 @@ def optimize(rlvr: torch.nn.Module, inputs: Dict, targets: ReplayTargets,
     return result
 
 
-def _check_targets(targets: ReplayTargets, pre: Prefill, cfg: ReplayConfig) -> None:
+def _check_targets(targets: ReplayTargets, pre: Prefill, row_map: List[int], cfg: ReplayConfig) -> None:
+    if targets.row_map is not None and list(targets.row_map) != list(row_map):
+        raise ValueError(
+            "actreplay_ext: the targets were computed for a batch with other repeated rows "
+            f"(rows -> distinct rows: targets {targets.row_map}, inputs {row_map})"
+        )
     ids = targets.input_ids
     if tuple(ids.shape) != tuple(pre.input_ids.shape) or not torch.equal(ids.cpu(), pre.input_ids.cpu()):
         raise ValueError(
@@ -255,7 +266,21 @@ def _check_targets(targets: ReplayTargets, pre: Prefill, cfg: ReplayConfig) -> N
 
 def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTargets,
                           cfg: ReplayConfig) -> ReplayResult:
-    _check_targets(targets, pre, cfg)
+    full_ids = pre.input_ids
+    pre, row_map = distinct_rows(pre)  # identical rows are optimised once (SPEC §5.7)
+    _check_targets(targets, pre, row_map, cfg)
+    result = _optimize_distinct(adapter, pre, targets, cfg)
+    result.input_ids = full_ids
+    result.optimized_rows = pre.hidden0.shape[0]
+    if len(row_map) > pre.hidden0.shape[0]:  # broadcast to the repeated rows
+        rows = result.deltas if isinstance(result.deltas, list) else [result.deltas]
+        result.deltas = [rows[j] for j in row_map]
+        result.n_visual = [result.n_visual[j] for j in row_map]
+    return result
+
+
+def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTargets,
+                       cfg: ReplayConfig) -> ReplayResult:
     n_visual = pre.visual_rows()
     D = pre.hidden0.shape[-1]
     timings = {"loop": 0.0}

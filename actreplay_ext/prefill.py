@@ -135,6 +135,77 @@ def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
     return out
 
 
+def _batch_dim(key: str, t: torch.Tensor) -> Optional[int]:
+    """Batch dimension of a decoder-layer kwarg: attention masks [B, ...],
+    position ids [B, T] or [3, B, T], rotary tables [B, T, d] or [3, B, T, d]."""
+    if key == "attention_mask":
+        return 0
+    if key == "position_ids":
+        return t.dim() - 2
+    if key == "position_embeddings":
+        return t.dim() - 3
+    return None
+
+
+def _kwarg_tensors(kwargs: Dict):
+    for key, v in kwargs.items():
+        for t in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(t, torch.Tensor):
+                yield key, t
+
+
+def distinct_rows(pre: Prefill):
+    """(the prefill reduced to its distinct rows, for each row the index of its
+    distinct row). Rows are the same when their ids, layer-0 inputs and layer
+    kwargs are equal, as for Pass@K sampling, which expands one prompt K times
+    (SPEC §5.7). A kwarg whose batch dimension is unknown disables the reduction."""
+    B = pre.hidden0.shape[0]
+    if B == 1:
+        return pre, [0]
+    tensors = list(_kwarg_tensors(pre.layer_kwargs))
+    for key, t in tensors:
+        if _batch_dim(key, t) is None and key not in ("cache_position",) and t.dim() and t.shape[0] == B:
+            return pre, list(range(B))
+
+    def same(a: int, b: int) -> bool:
+        if not (torch.equal(pre.input_ids[a], pre.input_ids[b]) and torch.equal(pre.hidden0[a], pre.hidden0[b])):
+            return False
+        for key, t in tensors:
+            d = _batch_dim(key, t)
+            if d is not None and t.shape[d] == B and not torch.equal(t.select(d, a), t.select(d, b)):
+                return False
+        return True
+
+    reps: List[int] = []
+    row_map: List[int] = []
+    for b in range(B):
+        j = next((j for j, r in enumerate(reps) if same(b, r)), None)
+        if j is None:
+            reps.append(b)
+            j = len(reps) - 1
+        row_map.append(j)
+    if len(reps) == B:
+        return pre, row_map
+    idx = torch.tensor(reps, device=pre.hidden0.device)
+
+    def pick(key, t):
+        d = _batch_dim(key, t)
+        return t.index_select(d, idx.to(t.device)) if d is not None and t.shape[d] == B else t
+
+    kwargs = {}
+    for key, v in pre.layer_kwargs.items():
+        if isinstance(v, torch.Tensor):
+            kwargs[key] = pick(key, v)
+        elif isinstance(v, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in v):
+            kwargs[key] = type(v)(pick(key, t) for t in v)
+        else:
+            kwargs[key] = v
+    reduced = Prefill(pre.hidden0.index_select(0, idx), kwargs,
+                      pre.input_ids.index_select(0, idx.to(pre.input_ids.device)),
+                      pre.visual.index_select(0, idx.to(pre.visual.device)))
+    return reduced, row_map
+
+
 @contextlib.contextmanager
 def frozen_parameters(*models: torch.nn.Module) -> Iterator[None]:
     """Model weights take no part in autograd (SPEC §5.6); flags restored after."""

@@ -92,15 +92,18 @@ def make_inputs(model, images: Sequence[Tuple[int, int]] = ((8, 8),), video: Opt
                 text_len: int = 16, batch: int = 1, seed: int = 0, left_pad: Sequence[int] = ()) -> Dict:
     """A prompt built by hand: text, then each image (grid h x w in patches; h*w/4
     visual tokens), then an optional video (grid t x h x w), then text.
-    `left_pad[b]` pad tokens are prepended to row b (attention mask 0)."""
+    `left_pad[b]` pad tokens are prepended to row b (attention mask 0); the other
+    rows get as many more leading text tokens, so all rows have one length."""
     cfg = model.config
     vcfg = cfg.vision_config
     merge = vcfg.spatial_merge_size
     g = torch.Generator().manual_seed(seed)
     lo, hi = TEXT_IDS
+    pads = list(left_pad) + [0] * (batch - len(left_pad))
     rows = []
-    for _ in range(batch):
-        ids = torch.randint(lo, hi, (text_len // 2,), generator=g).tolist()
+    for b in range(batch):
+        lead = text_len // 2 + max(pads, default=0) - pads[b]
+        ids = torch.randint(lo, hi, (lead,), generator=g).tolist()
         for h, w in images:
             ids += [VISION_START_ID] + [IMAGE_TOKEN_ID] * (h * w // merge**2) + [VISION_END_ID]
         if video is not None:
@@ -108,7 +111,6 @@ def make_inputs(model, images: Sequence[Tuple[int, int]] = ((8, 8),), video: Opt
             ids += [VISION_START_ID] + [VIDEO_TOKEN_ID] * (t * h * w // merge**2) + [VISION_END_ID]
         ids += torch.randint(lo, hi, (text_len - text_len // 2,), generator=g).tolist()
         rows.append(ids)
-    pads = list(left_pad) + [0] * (batch - len(left_pad))
     width = max(len(r) + p for r, p in zip(rows, pads))
     input_ids = torch.full((batch, width), PAD_ID, dtype=torch.long)
     mask = torch.zeros(batch, width, dtype=torch.long)

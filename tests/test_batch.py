@@ -1,0 +1,95 @@
+"""Batches: per-row offsets equal to running the rows one by one, left padding,
+identical rows optimised once (Pass@K sampling), and the sdpa attention path."""
+
+import pytest
+import torch
+
+import actreplay_ext as ar
+from actreplay_ext import reference, tiny
+
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny.make_pair("qwen2_5_vl")
+
+
+def row_inputs(inputs, b, images_per_row):
+    """Row b of a batch built by tiny.make_inputs, without its left padding."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b:b + 1, keep], "attention_mask": inputs["attention_mask"][b:b + 1, keep]}
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b:b + 1, keep]
+    grids = inputs["image_grid_thw"]
+    per = images_per_row
+    g = grids[b * per:(b + 1) * per]
+    start = int(grids[: b * per].prod(-1).sum())
+    out["image_grid_thw"] = g
+    out["pixel_values"] = inputs["pixel_values"][start:start + int(g.prod(-1).sum())]
+    return out
+
+
+def test_batch_equals_rows_one_by_one(pair):
+    base, rlvr = pair
+    inputs = tiny.make_inputs(base, images=[(8, 8)], batch=3, left_pad=[0, 3, 0], seed=4)
+    assert int((inputs["attention_mask"] == 0).sum()) == 3
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=8)
+    batch = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    assert isinstance(batch.deltas, list) and len(batch.deltas) == 3 and batch.optimized_rows == 3
+    total_loss = 0.0
+    for b in range(3):
+        one = row_inputs(inputs, b, 1)
+        single = ar.optimize(rlvr, one, ar.compute_targets(base, one, cfg), cfg)
+        scale = float(single.deltas.abs().max())
+        assert scale > 0
+        assert float((batch.deltas[b] - single.deltas).abs().max()) <= 1e-5 * max(scale, 1.0) + 1e-6 * 0
+        assert float((batch.deltas[b] - single.deltas).abs().max() / scale) <= 1e-4
+        total_loss += single.losses[0]
+    # The batch loss is the sum of the rows' losses (each row normalised by its own count).
+    assert batch.losses[0] == pytest.approx(total_loss, rel=1e-5)
+
+
+def test_identical_rows_are_optimised_once(pair):
+    base, rlvr = pair
+    one = tiny.make_inputs(base, images=[(8, 8)])
+    four = tiny.make_inputs(base, images=[(8, 8)])
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values"):
+        if k in four:
+            four[k] = torch.cat([one[k]] * 4)
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=5)
+    result = ar.optimize(rlvr, four, ar.compute_targets(base, four, cfg), cfg)
+    single = ar.optimize(rlvr, one, ar.compute_targets(base, one, cfg), cfg)
+    assert result.optimized_rows == 1 and len(result.deltas) == 4
+    for d in result.deltas:
+        assert torch.equal(d, single.deltas)
+    assert result.losses == single.losses
+
+
+def test_pass_at_k_sampling_optimises_once(pair):
+    base, rlvr = pair
+    inputs = tiny.make_inputs(rlvr, images=[(8, 8)])
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=4)
+    batch_sizes = []
+    hook = rlvr.model.language_model.layers[1].register_forward_hook(
+        lambda mod, args, out: batch_sizes.append(args[0].shape[0]))
+    try:
+        with ar.patch(rlvr, base=base, config=cfg) as handle:
+            torch.manual_seed(0)
+            out = rlvr.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=4)
+    finally:
+        hook.remove()
+    assert out.shape[0] == 4
+    assert handle.last.optimized_rows == 1 and len(handle.last.deltas) == 4
+    # The replay loop ran layer 1 once per step on one row; generate ran it on 4.
+    assert batch_sizes.count(1) == cfg.steps and set(batch_sizes) == {1, 4}
+
+
+def test_sdpa_matches_the_published_loop():
+    base, rlvr = tiny.make_pair("qwen2_vl", attn_implementation="sdpa")
+    inputs = tiny.make_inputs(base, images=[(8, 8)], video=(2, 4, 4))
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=10)
+    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    assert result.selected == pub["selected"]
+    assert float((result.deltas - pub["deltas"]).abs().max() / pub["deltas"].abs().max()) <= 1e-4
