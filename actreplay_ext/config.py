@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional, Sequence, Union
 
-__all__ = ["ReplayConfig", "PRESETS"]
+__all__ = ["ReplayConfig", "PRESETS", "DIRECT_THRESHOLDS"]
 
 _CHOICES = {
     "alignment": ("published", "matched"),
@@ -19,17 +19,21 @@ _CHOICES = {
 class ReplayConfig:
     """Activation Replay hyperparameters (defaults: the published math configuration).
 
-    layers: replay layers 0 .. layers-1.  entropy_threshold: the ratio rule's
+    layers: replay layers 0 .. layers-1 (default 16; for mode="direct" one per
+    threshold, 7 with the published thresholds).  entropy_threshold: the ratio rule's
     threshold.  topv: size of the KL's truncated support.  lr, steps: plain
     gradient descent.  normalize: divide the summed loss by the number of visual
     tokens.  alignment: "published" pairs the RLVR *input* of layer l with the
     base *output* of layer l (what produced the paper's numbers); "matched"
     pairs outputs with outputs.  select/rule/topk_tokens/thresholds: the
     selection variants of SPEC §4.  inject_layer: the layer whose input is offset.
+    mode: "tokens" learns offsets; "direct" substitutes base layer inputs into the
+    RLVR model where the base lens entropy is below `thresholds[l]` (default: the
+    published seven) and below the RLVR model's, over all positions.
     callback: called with (step, loss) after each step's loss is known.
     """
 
-    layers: int = 16
+    layers: Optional[int] = None
     entropy_threshold: float = 0.4
     topv: int = 50
     lr: float = 10.0
@@ -45,6 +49,10 @@ class ReplayConfig:
     callback: Optional[Callable[[int, float], None]] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
+        if self.mode == "direct" and self.thresholds is None:
+            self.thresholds = list(DIRECT_THRESHOLDS)
+        if self.layers is None:
+            self.layers = len(self.thresholds) if self.mode == "direct" else 16
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -77,18 +85,14 @@ class ReplayConfig:
                     "ReplayConfig: rule='topk' needs 'topk_tokens', an int count >= 1 or a float "
                     f"fraction of the visual tokens in (0, 1], got {k!r}"
                 )
-        if self.rule == "absolute":
+        if self.rule == "absolute" or self.mode == "direct":
             t = self.thresholds
             if t is None or len(t) != self.layers:
                 raise ValueError(
-                    "ReplayConfig: rule='absolute' needs 'thresholds', one float per replay layer "
-                    f"({self.layers}), got {t!r}"
+                    f"ReplayConfig: rule='absolute' and mode='direct' need 'thresholds', one float per "
+                    f"replay layer ({self.layers}), got {t!r}"
                 )
             self.thresholds = [float(x) for x in t]
-        if self.mode == "direct":
-            raise NotImplementedError(
-                "ReplayConfig: mode='direct' (direct cross-model substitution) is not implemented yet"
-            )
 
     def selection_value(self, n_visual: int):
         """(rule, value) for actreplay.select_tokens for a prompt with n_visual tokens."""
@@ -109,8 +113,16 @@ class ReplayConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-#: The published configurations (SPEC §3).
+#: Per-layer absolute thresholds of the published direct substitution (layers 0-6).
+DIRECT_THRESHOLDS = (4.812, 4.781, 3.734, 3.297, 3.328, 3.812, 4.312)
+
+#: The published configurations (SPEC §3-4).
 PRESETS = {
     "mm-eureka-7b": dict(layers=16, entropy_threshold=0.4, topv=50, lr=10.0, steps=25),
     "vl-rethinker-7b": dict(layers=24, entropy_threshold=0.4, topv=50, lr=10.0, steps=25),
+    # Mid replay: offsets at the input of layer 15, loss at layer 15 only.
+    "mid-replay": dict(layers=16, inject_layer=15, entropy_threshold=0.4, topv=50, lr=10.0, steps=25),
+    # The agent (DeepEyes) and video (Video-R1) code: direct cross-model substitution.
+    "deepeyes-7b": dict(mode="direct", layers=7, thresholds=list(DIRECT_THRESHOLDS)),
+    "video-r1-7b": dict(mode="direct", layers=7, thresholds=list(DIRECT_THRESHOLDS)),
 }

@@ -23,6 +23,7 @@ from .adapters import check_pair, get_adapter
 from .config import ReplayConfig
 from .engine import (ReplayResult, ReplayTargets, _check_config_for, add_offsets, optimize_from_prefill,
                      targets_from_prefill)
+from .direct import DirectPlan, plan_direct, substitute
 from .prefill import Prefill, cache_length, capture_prefill, in_internal_forward, internal_forward
 
 __all__ = ["patch", "ReplayHandle"]
@@ -52,6 +53,7 @@ class ReplayHandle:
         self.last: Optional[ReplayResult] = None
         self._call: Optional[Dict] = None
         self._visual_calls: List = []
+        self._plan: Optional[DirectPlan] = None  # direct mode: substitutions of the running prefill
         self._handles = []
         self._install()
         if base is None and targets is None and fixed_result is None:
@@ -68,8 +70,12 @@ class ReplayHandle:
             tower = self.adapter.vision_tower()
             if tower is not None:
                 self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
-            layer0 = self.adapter.decoder_layers()[0]
-            self._handles.append(layer0.register_forward_pre_hook(self._on_layer0, with_kwargs=True))
+            layers = self.adapter.decoder_layers()
+            self._handles.append(layers[0].register_forward_pre_hook(self._on_layer0, with_kwargs=True))
+            if self.config.mode == "direct":  # substitution reaches layers 1 .. L-1 too
+                for l in range(1, self.config.layers):
+                    hook = (lambda l: lambda mod, args, kwargs: self._on_direct_layer(l, args, kwargs))(l)
+                    self._handles.append(layers[l].register_forward_pre_hook(hook, with_kwargs=True))
         except Exception:
             self.remove()
             raise
@@ -81,11 +87,13 @@ class ReplayHandle:
         self._handles = []
         self._call = None
         self._visual_calls = []
+        self._plan = None
 
     def reset(self) -> None:
         """Forget per-conversation state (the pending call, recorded vision inputs, `last`)."""
         self._call = None
         self._visual_calls = []
+        self._plan = None
         self.last = None
 
     def set_targets(self, targets: Optional[ReplayTargets]) -> None:
@@ -113,6 +121,7 @@ class ReplayHandle:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         prefill = cache_length(kwargs) == 0
+        self._plan = None
         if not prefill:
             self._visual_calls = []
         self._call = {"kwargs": kwargs, "input_ids": ids, "prefill": prefill}
@@ -131,6 +140,10 @@ class ReplayHandle:
 
         if self._fixed is not None:
             new = add_offsets(hidden, visual, self._fixed.flat_deltas())
+        elif self.config.mode == "direct":
+            new = self._plan_direct(call, visual_calls, hidden, kwargs, ids, visual)
+            if new is None:
+                return None
         else:
             if not bool(visual.any()):
                 self.last = ReplayResult(torch.zeros(0, hidden.shape[-1]), [], [0] * self.config.layers,
@@ -140,7 +153,7 @@ class ReplayHandle:
             targets = self._targets_for(call, visual_calls)
             if targets is None:
                 return None
-            pre = Prefill(hidden.detach(), kwargs, ids, visual)
+            pre = Prefill(hidden.detach(), kwargs, ids, visual, call["kwargs"].get("attention_mask"))
             with internal_forward():
                 result = optimize_from_prefill(self.adapter, pre, targets, self.config)
             self.last = result
@@ -152,15 +165,39 @@ class ReplayHandle:
         kwargs = dict(kwargs, hidden_states=new)
         return args, kwargs
 
+    def _plan_direct(self, call, visual_calls, hidden, kwargs, ids, visual):
+        if self.base_adapter is None:
+            return None
+        rlvr_pre = Prefill(hidden.detach(), kwargs, ids, visual, call["kwargs"].get("attention_mask"))
+        with internal_forward():
+            base_pre = capture_prefill(self.base_adapter, self._base_prompt(call, visual_calls))
+            plan = plan_direct(self.adapter, rlvr_pre, self.base_adapter, base_pre, self.config)
+        self.last = ReplayResult(torch.zeros(0, hidden.shape[-1]), [], plan.counts, visual.sum(1).tolist(), {},
+                                 note="direct substitution", input_ids=ids)
+        self._plan = plan if self.config.layers > 1 else None
+        return substitute(hidden, plan, 0)
+
+    def _on_direct_layer(self, layer, args, kwargs):
+        plan = self._plan
+        if plan is None or in_internal_forward():
+            return None
+        if layer == self.config.layers - 1:
+            self._plan = None
+        if args:
+            return (substitute(args[0], plan, layer),) + tuple(args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=substitute(kwargs["hidden_states"], plan, layer))
+
     # -------------------------------------------------------------- targets
     def _targets_for(self, call: Dict, visual_calls: List) -> Optional[ReplayTargets]:
         if self.base_adapter is None:
             return self._targets  # set_targets(); optimize_from_prefill checks the prompt
-        prompt = self.adapter.prompt_from_forward(call["kwargs"], visual_calls)
-        prompt = {k: (v.to(self._base_device()) if isinstance(v, torch.Tensor) else v) for k, v in prompt.items()}
         with internal_forward():
-            pre = capture_prefill(self.base_adapter, prompt)
+            pre = capture_prefill(self.base_adapter, self._base_prompt(call, visual_calls))
             return targets_from_prefill(self.base_adapter, pre, self.config)
+
+    def _base_prompt(self, call: Dict, visual_calls: List) -> Dict:
+        prompt = self.adapter.prompt_from_forward(call["kwargs"], visual_calls)
+        return {k: (v.to(self._base_device()) if isinstance(v, torch.Tensor) else v) for k, v in prompt.items()}
 
     def _base_device(self):
         return getattr(self.base, "device", None) or next(self.base.parameters()).device

@@ -60,6 +60,7 @@ class Prefill:
     layer_kwargs: Dict  # keyword arguments of the decoder layers in this forward
     input_ids: torch.Tensor  # [B, T]
     visual: torch.Tensor  # [B, T] bool, visual placeholder positions
+    attention_mask: Optional[torch.Tensor] = None  # [B, T] 1 = token, 0 = padding
 
     @property
     def prefix_len(self) -> int:
@@ -108,7 +109,7 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
     if "hidden" not in seen:
         raise RuntimeError("actreplay_ext: the forward pass never reached decoder layer 0")
     ids = fwd["input_ids"]
-    return Prefill(seen["hidden"], seen["kwargs"], ids, adapter.visual_mask(ids))
+    return Prefill(seen["hidden"], seen["kwargs"], ids, adapter.visual_mask(ids), fwd.get("attention_mask"))
 
 
 def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
@@ -200,9 +201,11 @@ def distinct_rows(pre: Prefill):
             kwargs[key] = type(v)(pick(key, t) for t in v)
         else:
             kwargs[key] = v
+    mask = pre.attention_mask
     reduced = Prefill(pre.hidden0.index_select(0, idx), kwargs,
                       pre.input_ids.index_select(0, idx.to(pre.input_ids.device)),
-                      pre.visual.index_select(0, idx.to(pre.visual.device)))
+                      pre.visual.index_select(0, idx.to(pre.visual.device)),
+                      None if mask is None else mask.index_select(0, idx.to(mask.device)))
     return reduced, row_map
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "replay_scatter",
     "topk_kl",
     "published_replay",
+    "published_direct",
 ]
 
 
@@ -258,3 +259,58 @@ def published_replay(rlvr, base, inputs, config=None):
             h.remove()
         r_ad.restore_state(state)
     return {"deltas": delta.detach(), "losses": losses, "selected": [int(s.numel()) for s in sel]}
+
+
+def published_direct(rlvr, base, inputs, config):
+    """A plain-PyTorch port of the published direct substitution (SPEC §4),
+    batch size 1: full forwards of both models with hooks, the full logit lens
+    at every position, then a forward of the RLVR model whose layer inputs are
+    replaced by the base model's where the rule holds. Returns a dict with the
+    substituted forward's `logits` and the per-layer `counts`."""
+    from .adapters import get_adapter
+    from .prefill import layer_output
+
+    cfg = config
+    b_ad, r_ad = get_adapter(base, "base"), get_adapter(rlvr, "rlvr")
+    b_in, r_in = b_ad.forward_inputs(inputs), r_ad.forward_inputs(inputs)
+    L = cfg.layers
+
+    def run(adapter, model, model_inputs, pre_hook=None):
+        ins, outs = {}, {}
+        hooks = []
+        for l, layer in enumerate(adapter.decoder_layers()[:L]):
+            if pre_hook is not None:
+                hooks.append(layer.register_forward_pre_hook(lambda m, a, k, l=l: pre_hook(l, a, k), with_kwargs=True))
+            hooks.append(layer.register_forward_pre_hook(lambda m, a, l=l: ins.__setitem__(l, a[0])))
+            hooks.append(layer.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, layer_output(o))))
+        state = adapter.model_state()
+        try:
+            with torch.no_grad():
+                logits = model(**model_inputs).logits
+        finally:
+            for h in hooks:
+                h.remove()
+            adapter.restore_state(state)
+        return ins, outs, logits
+
+    def entropies(adapter, outs):
+        W, w, eps = adapter.unembed(), adapter.final_norm().weight, adapter.norm_eps()
+        res = []
+        for l in range(L):
+            logp = torch.log_softmax(lens_logits(outs[l][0], W, w, eps), -1)  # [T, V]
+            res.append(-(logp.exp() * logp).sum(-1))
+        return res
+
+    b_ins, b_outs, _ = run(b_ad, base, b_in)
+    _, r_outs, _ = run(r_ad, rlvr, r_in)
+    e_b, e_r = entropies(b_ad, b_outs), entropies(r_ad, r_outs)
+    tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
+    masks = [tokens & (e_b[l] < cfg.thresholds[l]) & (e_b[l] < e_r[l]) for l in range(L)]
+
+    def replace(l, args, kwargs):
+        h = args[0].clone()
+        h[0, masks[l]] = b_ins[l][0, masks[l]].to(h.dtype)
+        return (h,) + tuple(args[1:]), kwargs
+
+    _, _, logits = run(r_ad, rlvr, r_in, pre_hook=replace)
+    return {"logits": logits, "counts": [int(m.sum()) for m in masks]}

@@ -79,3 +79,35 @@ def test_role_swap(pair):
     pub = reference.published_replay(base, rlvr, inputs, cfg)
     assert torch.allclose(handle.last.deltas, swapped.deltas, rtol=0, atol=1e-6)
     assert float((swapped.deltas - pub["deltas"]).abs().max() / pub["deltas"].abs().max()) <= 1e-4
+
+
+# ------------------------------------------------------------- direct mode
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_direct_substitution_matches_published(family):
+    base, rlvr = tiny.make_pair(family, noise=0.2)
+    inputs = tiny.make_inputs(base, images=[(8, 8)], video=(2, 4, 4))
+    cfg = ar.ReplayConfig(mode="direct", thresholds=[2.5, 2.5, 2.5])
+    assert cfg.layers == 3
+    ref_out = reference.published_direct(rlvr, base, inputs, cfg)
+    with torch.no_grad():
+        plain = rlvr(**inputs).logits
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        with torch.no_grad():
+            ours = rlvr(**inputs).logits
+        gen = rlvr.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert handle.last.selected == ref_out["counts"]
+    assert 0 < sum(ref_out["counts"]) < 3 * inputs["input_ids"].numel()  # real subsets, text included
+    assert torch.allclose(ours, ref_out["logits"], rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, plain, atol=1e-3)  # the substitution changes the answer's logits
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_direct_presets():
+    cfg = ar.ReplayConfig.preset("deepeyes-7b")
+    assert cfg.mode == "direct" and cfg.layers == 7 and cfg.thresholds[0] == 4.812
+    assert ar.ReplayConfig(mode="direct").thresholds == list(ar.config.DIRECT_THRESHOLDS)
+    assert ar.ReplayConfig.preset("mid-replay").inject_layer == 15
+    with pytest.raises(ValueError, match="need 'thresholds', one float per replay layer"):
+        ar.ReplayConfig(mode="direct", layers=3)
