@@ -316,7 +316,7 @@ def test_targets_save_load_roundtrip(pair, tmp_path):
 def test_config_validation_and_presets():
     assert ar.ReplayConfig.preset("vl-rethinker-7b").layers == 24
     assert ar.ReplayConfig.preset("mm-eureka-7b", steps=3).steps == 3
-    with pytest.raises(ValueError, match="unknown preset 'x'; valid: mm-eureka-7b, vl-rethinker-7b"):
+    with pytest.raises(ValueError, match="unknown preset 'x'; valid: deepeyes-7b, mid-replay, mm-eureka-7b, video-r1-7b, vl-rethinker-7b"):
         ar.ReplayConfig.preset("x")
     with pytest.raises(ValueError, match="'alignment' must be one of 'published', 'matched'"):
         ar.ReplayConfig(alignment="diagonal")
