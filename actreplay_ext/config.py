@@ -30,6 +30,9 @@ class ReplayConfig:
     mode: "tokens" learns offsets; "direct" substitutes base layer inputs into the
     RLVR model where the base lens entropy is below `thresholds[l]` (default: the
     published seven) and below the RLVR model's, over all positions.
+    checkpoint: recompute the decoder layers in the backward instead of keeping
+    their activations (True, False, or "auto": when the loop's prefix holds at
+    least 4096 tokens); same offsets either way.
     callback: called with (step, loss) after each step's loss is known.
     """
 
@@ -46,6 +49,7 @@ class ReplayConfig:
     inject_layer: int = 0
     topk_tokens: Optional[Union[int, float]] = None
     thresholds: Optional[Sequence[float]] = None
+    checkpoint: Union[bool, str] = "auto"
     callback: Optional[Callable[[int, float], None]] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
@@ -59,6 +63,8 @@ class ReplayConfig:
                     f"ReplayConfig: '{name}' must be one of {', '.join(map(repr, choices))}, "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.checkpoint not in (True, False, "auto"):
+            raise ValueError(f"ReplayConfig: 'checkpoint' must be True, False or 'auto', got {self.checkpoint!r}")
         if not isinstance(self.layers, int) or self.layers < 1:
             raise ValueError(f"ReplayConfig: 'layers' must be an int >= 1, got {self.layers!r}")
         if not isinstance(self.topv, int) or self.topv < 1:

@@ -18,6 +18,7 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from . import ops
 from .adapters import ModelAdapter, check_pair, get_adapter
@@ -50,6 +51,7 @@ class ReplayTargets:
     target_logp: List[torch.Tensor]
     config: Dict  # the fields of ReplayConfig the targets depend on
     row_map: Optional[List[int]] = None  # batch row -> distinct row (identical rows share targets)
+    model: Optional[Dict] = None  # hidden size, vocabulary and depth of the model they were made with
 
     @property
     def layers(self) -> int:
@@ -76,7 +78,7 @@ class ReplayTargets:
             tensors[f"target_logp.{l}"] = self.target_logp[l].cpu().contiguous()
         meta = {"format": "actreplay_ext.ReplayTargets/1", "n_visual": json.dumps(self.n_visual),
                 "config": json.dumps(self.config), "layers": str(self.layers),
-                "row_map": json.dumps(self.row_map)}
+                "row_map": json.dumps(self.row_map), "model": json.dumps(self.model)}
         save_file(tensors, path, metadata=meta)
 
     @classmethod
@@ -95,6 +97,7 @@ class ReplayTargets:
                 target_idx=[get(f"target_idx.{l}") for l in range(L)],
                 target_logp=[get(f"target_logp.{l}") for l in range(L)],
                 config=json.loads(meta["config"]), row_map=json.loads(meta.get("row_map", "null")),
+                model=json.loads(meta.get("model", "null")),
             )
 
 
@@ -147,6 +150,10 @@ def _check_config_for(adapter: ModelAdapter, cfg: ReplayConfig, argument: str) -
         )
 
 
+def _model_info(adapter: ModelAdapter) -> Dict:
+    return {"hidden_size": adapter.hidden_size, "vocab_size": adapter.vocab_size, "num_layers": adapter.num_layers}
+
+
 def _lens_params(adapter: ModelAdapter):
     return adapter.unembed().detach(), adapter.final_norm().weight.detach(), adapter.norm_eps()
 
@@ -154,12 +161,22 @@ def _lens_params(adapter: ModelAdapter):
 # ---------------------------------------------------------------- the layers
 
 
+#: Prefix length from which checkpoint="auto" recomputes layers in the backward.
+AUTO_CHECKPOINT_TOKENS = 4096
+
+
 def _run_layers(adapter: ModelAdapter, hidden: torch.Tensor, kwargs: Dict, start: int, stop: int,
-                visit: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
-    """Decoder layers start .. stop-1 on `hidden`; visit(l, h_in, h_out) after each."""
+                visit: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+                checkpoint: bool = False) -> torch.Tensor:
+    """Decoder layers start .. stop-1 on `hidden`; visit(l, h_in, h_out) after each.
+    With `checkpoint`, each layer's activations are recomputed in the backward."""
     layers = adapter.decoder_layers()
     for l in range(start, stop):
-        out = layer_output(layers[l](hidden, **kwargs))
+        if checkpoint and torch.is_grad_enabled():
+            run = lambda x, layer=layers[l]: layer_output(layer(x, **kwargs))  # noqa: E731
+            out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
+        else:
+            out = layer_output(layers[l](hidden, **kwargs))
         if visit is not None:
             visit(l, hidden, out)
         hidden = out
@@ -186,7 +203,8 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         empty = [torch.empty(0, dtype=torch.long) for _ in range(L)]
         return ReplayTargets(pre.input_ids.cpu(), n_visual, torch.empty(L, 0), empty,
                              [torch.empty(0, cfg.topv, dtype=torch.long) for _ in range(L)],
-                             [torch.empty(0, cfg.topv) for _ in range(L)], _target_config(cfg), row_map)
+                             [torch.empty(0, cfg.topv) for _ in range(L)], _target_config(cfg), row_map,
+                             _model_info(adapter))
     unembed, norm_w, eps = _lens_params(adapter)
     flat_vis = pre.visual[:, :P].reshape(-1).nonzero().squeeze(1)
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, P)
@@ -203,6 +221,12 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
     with torch.no_grad():
         _run_layers(adapter, pre.hidden0[:, :P], kwargs, 0, L, lens)
     entropy = torch.stack(entropies)  # [L, n_total]
+    bad = (~torch.isfinite(entropy)).any(1).nonzero()
+    if bad.numel():
+        raise FloatingPointError(
+            f"actreplay_ext: the base model's layer {int(bad[0])} output has a non-finite logit lens "
+            "(NaN or Inf activations); no targets were made"
+        )
     selected_mask = _select(entropy, n_visual, cfg)
     selected, t_idx, t_logp = [], [], []
     for l in range(L):
@@ -211,7 +235,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         t_idx.append(top_idx[l].index_select(0, sel))
         t_logp.append(torch.log_softmax(top_vals[l].index_select(0, sel), dim=-1))
     return ReplayTargets(pre.input_ids.cpu(), n_visual, entropy, selected, t_idx, t_logp, _target_config(cfg),
-                         row_map)
+                         row_map, _model_info(adapter))
 
 
 def _select(entropy: torch.Tensor, n_visual: Sequence[int], cfg: ReplayConfig) -> torch.Tensor:
@@ -245,7 +269,13 @@ def optimize(rlvr: torch.nn.Module, inputs: Dict, targets: ReplayTargets,
     return result
 
 
-def _check_targets(targets: ReplayTargets, pre: Prefill, row_map: List[int], cfg: ReplayConfig) -> None:
+def _check_targets(targets: ReplayTargets, pre: Prefill, row_map: List[int], cfg: ReplayConfig,
+                   adapter: ModelAdapter) -> None:
+    mine = _model_info(adapter)
+    if targets.model is not None and targets.model != mine:
+        raise ValueError(
+            f"actreplay_ext: the targets were made with another model ({targets.model}); this model has {mine}"
+        )
     if targets.row_map is not None and list(targets.row_map) != list(row_map):
         raise ValueError(
             "actreplay_ext: the targets were computed for a batch with other repeated rows "
@@ -268,7 +298,7 @@ def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTa
                           cfg: ReplayConfig) -> ReplayResult:
     full_ids = pre.input_ids
     pre, row_map = distinct_rows(pre)  # identical rows are optimised once (SPEC §5.7)
-    _check_targets(targets, pre, row_map, cfg)
+    _check_targets(targets, pre, row_map, cfg, adapter)
     result = _optimize_distinct(adapter, pre, targets, cfg)
     result.input_ids = full_ids
     result.optimized_rows = pre.hidden0.shape[0]
@@ -330,6 +360,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
         base_hidden = _run_layers(adapter, base_hidden, kwargs, 0, m)
     flat_hidden = base_hidden.reshape(B * P, D).float()
 
+    use_checkpoint = cfg.checkpoint is True or (cfg.checkpoint == "auto" and B * P >= AUTO_CHECKPOINT_TOKENS)
     delta = torch.zeros(int(flat_vis.numel()), D, dtype=torch.float32, device=device, requires_grad=True)
     losses: List[float] = []
     with frozen_parameters(adapter.model), torch.enable_grad(), _no_inference_mode():
@@ -346,7 +377,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
                 visit = lambda l, h_in, h_out: gather(h_out) if (l + 1) in loss_set else None  # noqa: E731
             else:  # r_l = output of layer l
                 visit = lambda l, h_in, h_out: gather(h_out) if l in loss_set else None  # noqa: E731
-            _run_layers(adapter, h, kwargs, m, stop, visit)
+            _run_layers(adapter, h, kwargs, m, stop, visit, checkpoint=use_checkpoint)
             if not gathered:
                 losses.append(0.0)
                 continue
@@ -355,8 +386,12 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
             loss = (kl * weights).sum()
             value = float(loss.detach())
             if not math.isfinite(value):
+                per_layer = kl.detach().split([int(p.numel()) for p in sel_pos])
+                layer = next(l for l, k in zip(loss_layers, per_layer) if not bool(torch.isfinite(k).all()))
+                where = "input" if published else "output"
                 raise FloatingPointError(
-                    f"actreplay_ext: the replay loss is {value} at step {step}; offsets discarded"
+                    f"actreplay_ext: the replay loss is {value} at step {step}: the RLVR model's layer {layer} "
+                    f"{where} is not finite (NaN or Inf activations); offsets discarded, model unchanged"
                 )
             losses.append(value)
             if cfg.callback is not None:

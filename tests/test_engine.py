@@ -339,3 +339,43 @@ def test_model_mismatches_are_clear_errors(pair):
         ar.compute_targets(base, prompt(base), ar.ReplayConfig(topv=5000, layers=2))
     with pytest.raises(TypeError, match="not a supported model family; supported: Qwen2VLForConditionalGeneration"):
         ar.patch(torch.nn.Linear(2, 2))
+
+
+def test_other_mismatches_name_both_values():
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    for other, what in [(tiny.make_model("qwen2_5_vl", vocab=1200), "vocabulary size: RLVR has 1000, base has 1200"),
+                        (tiny.make_model("qwen2_5_vl", layers=5), "number of decoder layers: RLVR has 4, base has 5")]:
+        with pytest.raises(ValueError, match=what):
+            ar.patch(rlvr, base=other)
+    odd = tiny.make_model("qwen2_5_vl")
+    odd.config.image_token_id = 980
+    with pytest.raises(ValueError, match=r"visual token ids: RLVR has \[990, 991\], base has \[980, 991\]"):
+        ar.patch(rlvr, base=odd)
+
+
+def test_targets_for_another_model_are_refused():
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    inputs = prompt(base)
+    cfg = ar.ReplayConfig(layers=2, lr=LR, steps=2)
+    targets = ar.compute_targets(base, inputs, cfg)
+    other = tiny.make_model("qwen2_5_vl", layers=5)
+    with pytest.raises(ValueError, match="made with another model"):
+        ar.optimize(other, inputs, targets, cfg)
+
+
+def test_non_finite_activations_raise_and_leave_the_model_unchanged():
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    inputs = prompt(rlvr)
+    with torch.no_grad():
+        rlvr.model.language_model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    flags = {n: p.requires_grad for n, p in rlvr.named_parameters()}
+    hooks = hooks_of(rlvr)
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=3)
+    with pytest.raises(FloatingPointError, match="at step 0: the RLVR model's layer 2 input is not finite"):
+        ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        with ar.patch(rlvr, base=base, config=cfg):
+            rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert {n: p.requires_grad for n, p in rlvr.named_parameters()} == flags and hooks_of(rlvr) == hooks
+    with pytest.raises(FloatingPointError, match="base model's layer 1 output has a non-finite logit lens"):
+        ar.compute_targets(rlvr, inputs, cfg)  # as a base model: layer 1's output is NaN
