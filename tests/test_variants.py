@@ -111,3 +111,32 @@ def test_direct_presets():
     assert ar.ReplayConfig.preset("mid-replay").inject_layer == 15
     with pytest.raises(ValueError, match="need 'thresholds', one float per replay layer"):
         ar.ReplayConfig(mode="direct", layers=3)
+
+
+def test_direct_is_recomputed_for_each_new_prompt():
+    """A conversation that grows (a new prefill with another image) gets new masks."""
+    base, rlvr = tiny.make_pair("qwen2_5_vl", noise=0.2)
+    cfg = ar.ReplayConfig(mode="direct", thresholds=[2.5, 2.5, 2.5])
+    turn1 = tiny.make_inputs(base, images=[(8, 8)], seed=1)
+    turn2 = tiny.make_inputs(base, images=[(8, 8), (4, 6)], text_len=24, seed=1)
+    expected = [reference.published_direct(rlvr, base, inputs, cfg) for inputs in (turn1, turn2)]
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        for inputs, ref_out in zip((turn1, turn2), expected):
+            with torch.no_grad():
+                ours = rlvr(**inputs).logits
+            assert handle.last.selected == ref_out["counts"]
+            assert torch.allclose(ours, ref_out["logits"], rtol=0, atol=1e-5)
+    assert expected[0]["counts"] != expected[1]["counts"]
+
+
+def test_direct_refuses_different_prompts():
+    from actreplay_ext.adapters import get_adapter
+    from actreplay_ext.direct import plan_direct
+    from actreplay_ext.prefill import capture_prefill
+
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    a, b = get_adapter(rlvr), get_adapter(base)
+    pre_r = capture_prefill(a, tiny.make_inputs(rlvr, seed=1))
+    pre_b = capture_prefill(b, tiny.make_inputs(base, seed=2))
+    with pytest.raises(ValueError, match="given different prompts"):
+        plan_direct(a, pre_r, b, pre_b, ar.ReplayConfig(mode="direct", thresholds=[1.0]))
