@@ -44,12 +44,14 @@ def build(device, n_visual, gpu_shape):
     # sharpen scales the final-norm weight so that, on random weights, the ratio
     # rule selects a real subset (about 15-50% of the visual tokens per layer on
     # the CPU shape); near-uniform entropies would select nothing and make the
-    # loop trivially cheap.
+    # loop trivially cheap. Lens logits have std ~ 0.02 * sqrt(D) * sharpen
+    # (HF's init), so the scale keeps that std at the CPU shape's value.
     if gpu_shape:
         kw = dict(hidden=3584, layers=28, vocab=152064, heads=28, kv_heads=4, intermediate=18944,
-                  attn_implementation="sdpa", dtype=torch.bfloat16, sharpen=5.0, device=device)
+                  attn_implementation="sdpa", dtype=torch.bfloat16, device=device)
     else:
-        kw = dict(hidden=512, layers=8, vocab=32768, heads=8, attn_implementation="sdpa", sharpen=12.0)
+        kw = dict(hidden=512, layers=8, vocab=32768, heads=8, attn_implementation="sdpa")
+    kw["sharpen"] = 12.0 * math.sqrt(512 / kw["hidden"])
     base, rlvr = tiny.make_pair("qwen2_5_vl", **kw)
     inputs = tiny.make_inputs(base, images=[image_grid(n_visual)], text_len=64)
     return base, rlvr, {k: v.to(device) for k, v in inputs.items()}
