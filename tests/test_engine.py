@@ -379,3 +379,28 @@ def test_non_finite_activations_raise_and_leave_the_model_unchanged():
     assert {n: p.requires_grad for n, p in rlvr.named_parameters()} == flags and hooks_of(rlvr) == hooks
     with pytest.raises(FloatingPointError, match="base model's layer 1 output has a non-finite logit lens"):
         ar.compute_targets(rlvr, inputs, cfg)  # as a base model: layer 1's output is NaN
+
+
+def test_two_turn_conversation_replays_each_prefill():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    import agent_loop
+
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=3)
+    turn1 = dict(model=rlvr, **prompt(rlvr))
+    seen = []
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        out = rlvr.generate(**agent_loop.model_inputs(turn1), max_new_tokens=3, do_sample=False)
+        seen.append(handle.last)
+        turn2 = agent_loop.add_image(turn1, out[:, turn1["input_ids"].shape[1]:], (4, 8), seed=7)
+        rlvr.generate(**agent_loop.model_inputs(turn2), max_new_tokens=3, do_sample=False)
+        seen.append(handle.last)
+        handle.reset()
+        assert handle.last is None
+    assert [sum(r.n_visual) for r in seen] == [16, 24]
+    inputs2 = agent_loop.model_inputs(turn2)
+    fresh = ar.optimize(rlvr, inputs2, ar.compute_targets(base, inputs2, cfg), cfg)
+    assert torch.allclose(seen[1].deltas, fresh.deltas, rtol=0, atol=1e-6)
