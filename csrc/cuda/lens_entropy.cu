@@ -57,6 +57,7 @@
 // caller.
 
 #include "ops.h"
+#include "cuda/device_reduce.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -92,18 +93,6 @@ static_assert((kCap & (kCap - 1)) == 0, "bitonic sort needs a power of two");
 constexpr int64_t kLogitBufferBytes = int64_t{256} << 20;
 constexpr int64_t kMinVocabChunk = 4096;
 constexpr int kFinalizeThreads = 128;
-
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // ---- a. RMSNorm -------------------------------------------------------------
 

@@ -25,6 +25,7 @@
 // Argument validation is done by the caller; candidate entropies are non-NaN.
 
 #include "ops.h"
+#include "cuda/device_reduce.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -43,44 +44,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 enum Rule : int { kRatio = 0, kAbsolute = 1, kTopk = 2 };
-
-__device__ __forceinline__ int64_t warp_sum_i64(int64_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ double warp_max_f64(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Block-wide sum; every thread gets the result. `buf` holds kWarps entries and
-// may be reused right after the call returns (the trailing barrier protects it).
-__device__ int64_t block_sum_i64(int64_t v, int64_t* buf) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum_i64(v);
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  int64_t r = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) r += buf[w];
-  __syncthreads();
-  return r;
-}
-
-__device__ double block_max_f64(double v, double* buf) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max_f64(v);
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  double r = buf[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) r = fmax(r, buf[w]);
-  __syncthreads();
-  return r;
-}
 
 template <typename e_t>
 __global__ void __launch_bounds__(kThreads)
@@ -101,7 +64,7 @@ select_stats_kernel(const e_t* __restrict__ entropy, const bool* __restrict__ ca
       mx = fmax(mx, static_cast<double>(row[i]));
     }
   }
-  const int64_t n_cand = block_sum_i64(nc, s_i64);
+  const int64_t n_cand = block_sum<kWarps>(nc, s_i64);
 
   if (rule == kTopk) {
     if (threadIdx.x == 0) {
@@ -123,7 +86,7 @@ select_stats_kernel(const e_t* __restrict__ entropy, const bool* __restrict__ ca
   // "absolute": E < e_t(value_l); "ratio": E <= e_t(value_l) * max (the max
   // is exact in double and converts back exactly).
   e_t thr = static_cast<e_t>(v);
-  if (rule == kRatio) thr = thr * static_cast<e_t>(block_max_f64(mx, s_f64));
+  if (rule == kRatio) thr = thr * static_cast<e_t>(block_max<kWarps>(mx, s_f64));
 
   int64_t nlow = 0;
   for (int64_t i = threadIdx.x; i < N; i += kThreads) {
@@ -139,7 +102,7 @@ select_stats_kernel(const e_t* __restrict__ entropy, const bool* __restrict__ ca
     }
   }
   if (!side_low) {
-    const int64_t c = block_sum_i64(nlow, s_i64);
+    const int64_t c = block_sum<kWarps>(nlow, s_i64);
     if (threadIdx.x == 0) count[l] = c;
   }
 }

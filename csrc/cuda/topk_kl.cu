@@ -24,6 +24,7 @@
 // attribute is needed. Argument validation is done by the caller.
 
 #include "ops.h"
+#include "cuda/device_reduce.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -48,44 +49,6 @@ struct alignas(sizeof(T) * N) VecT {
   T v[N];
 };
 
-__device__ __forceinline__ float acc_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Block-wide sum, result in every thread; `buf` (kWarps entries) is free again
-// when the call returns.
-template <typename T>
-__device__ T block_sum(T v, T* buf) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  T r = buf[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) r += buf[w];
-  __syncthreads();
-  return r;
-}
-
-__device__ double block_max(double v, double* buf) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  double r = buf[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) r = fmax(r, buf[w]);
-  __syncthreads();
-  return r;
-}
-
 // Steps 1-2 for one row: fills X with xn (acc_t) and Z with the k gathered
 // logits, returns r (1 without norm). Ends with a barrier, so X and Z are
 // visible to the whole block afterwards.
@@ -102,7 +65,7 @@ __device__ acc_t gathered_logits(const scalar_t* __restrict__ h_row,
       const acc_t x = static_cast<acc_t>(h_row[d]);
       ss += x * x;
     }
-    ss = block_sum(ss, red);
+    ss = block_sum<kWarps>(ss, red);
     r = acc_t(1) / acc_sqrt(ss / static_cast<acc_t>(D) + eps);
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       X[d] = static_cast<acc_t>(h_row[d]) * r * static_cast<acc_t>(w[d]);
@@ -176,10 +139,10 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
 
   double mz = -std::numeric_limits<double>::infinity();
   for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
-  mz = block_max(mz, s_red);
+  mz = block_max<kWarps>(mz, s_red);
   double se = 0.0;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
-  se = block_sum(se, s_red);
+  se = block_sum<kWarps>(se, s_red);
   const double lse = mz + log(se);
   double kl = 0.0;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
@@ -188,7 +151,7 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
     if (p == 0.0) continue;  // lp = -inf (or underflow): contributes exactly 0
     kl += p * (lp - (static_cast<double>(Z[j]) - lse));
   }
-  kl = block_sum(kl, s_red);
+  kl = block_sum<kWarps>(kl, s_red);
   if (threadIdx.x == 0) kl_out[i] = static_cast<acc_t>(kl);
 }
 
@@ -217,14 +180,14 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
   // dkl/dz_j = g * (softmax(z)_j * P - p_j), P = sum_j p_j.
   double mz = -std::numeric_limits<double>::infinity();
   for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
-  mz = block_max(mz, s_red);
+  mz = block_max<kWarps>(mz, s_red);
   double se = 0.0, psum = 0.0;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     se += exp(static_cast<double>(Z[j]) - mz);
     psum += exp(static_cast<double>(lp_row[j]));
   }
-  se = block_sum(se, s_red);
-  psum = block_sum(psum, s_red);
+  se = block_sum<kWarps>(se, s_red);
+  psum = block_sum<kWarps>(psum, s_red);
   const double lse = mz + log(se);
   const double g = static_cast<double>(grad_kl[i]);
   // Each thread rewrites only the Z entries it read itself above.
@@ -271,7 +234,7 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
   if (w == nullptr) return;  // uniform across the block
 
   // grad_h_d = r u_d - r^3 h_d S / D
-  S = block_sum(S, s_acc);
+  S = block_sum<kWarps>(S, s_acc);
   const acc_t coef = r * r * r * S / static_cast<acc_t>(D);
   for (int64_t c = threadIdx.x; c < nvec; c += kThreads) {
 #pragma unroll
