@@ -11,7 +11,7 @@ layer l at M_l is replaced by the base model's input of layer l.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import List
 
 import torch
 

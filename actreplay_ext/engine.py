@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 
 from . import ops
-from .adapters import ModelAdapter, check_pair, get_adapter
+from .adapters import ModelAdapter, get_adapter
 from .config import ReplayConfig
 from .prefill import (Prefill, capture_prefill, distinct_rows, frozen_parameters, layer_output,
                       prefix_layer_kwargs)

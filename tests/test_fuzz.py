@@ -2,7 +2,6 @@
 (hypothesis: shapes, dtypes, value ranges, duplicate positions) and of the
 selection invariants."""
 
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
