@@ -131,7 +131,14 @@ class ReplayHandle:
         if in_internal_forward():
             return None
         call, self._call = self._call, None
-        if call is None or not call["prefill"] or call["input_ids"] is None:
+        if call is None or not call["prefill"]:
+            return None
+        if call["input_ids"] is None:
+            # Without ids the visual positions are unknown: say so rather than
+            # generate without replay in silence.
+            self.last = ReplayResult(torch.zeros(0, 0), [], [], [], {}, note="no input_ids: nothing replayed")
+            warnings.warn("actreplay_ext: a prefill came without input_ids (inputs_embeds only), so the "
+                          "visual positions are unknown and nothing was replayed; pass input_ids", stacklevel=2)
             return None
         visual_calls, self._visual_calls = self._visual_calls, []
         ids = call["input_ids"]

@@ -404,3 +404,13 @@ def test_two_turn_conversation_replays_each_prefill():
     inputs2 = agent_loop.model_inputs(turn2)
     fresh = ar.optimize(rlvr, inputs2, ar.compute_targets(base, inputs2, cfg), cfg)
     assert torch.allclose(seen[1].deltas, fresh.deltas, rtol=0, atol=1e-6)
+
+
+def test_prefill_without_input_ids_warns_instead_of_silently_skipping():
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    embeds = rlvr.get_input_embeddings()(torch.tensor([[5, 6, 7, 8]]))
+    with ar.patch(rlvr, base=base, config=ar.ReplayConfig(layers=2, lr=LR, steps=2)) as handle:
+        with pytest.warns(UserWarning, match="without input_ids"):
+            with torch.no_grad():
+                rlvr(inputs_embeds=embeds)
+    assert "no input_ids" in handle.last.note
