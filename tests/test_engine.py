@@ -412,5 +412,5 @@ def test_prefill_without_input_ids_warns_instead_of_silently_skipping():
     with ar.patch(rlvr, base=base, config=ar.ReplayConfig(layers=2, lr=LR, steps=2)) as handle:
         with pytest.warns(UserWarning, match="without input_ids"):
             with torch.no_grad():
-                rlvr(inputs_embeds=embeds)
+                rlvr(inputs_embeds=embeds, attention_mask=torch.ones(1, 4, dtype=torch.long))
     assert "no input_ids" in handle.last.note
