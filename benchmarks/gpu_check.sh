@@ -43,5 +43,9 @@ step "replay benchmark"
 timeout 200 $PY benchmarks/bench_replay.py --device cuda --visual 1024 4096 --out "$OUT/bench_replay_cuda.json" \
   2>&1 | tee "$OUT/bench_replay_cuda.log" | tail -12 || status=1
 
+step "replay at 16,384 visual tokens (ours and the floor: peak memory vs visual tokens)"
+timeout 150 $PY benchmarks/bench_replay.py --device cuda --visual 16384 --skip-published \
+  --out "$OUT/bench_replay_cuda_16k.json" 2>&1 | tee "$OUT/bench_replay_cuda_16k.log" | tail -6 || status=1
+
 step "done (status $status)"
 exit $status
