@@ -104,9 +104,22 @@ class ModelAdapter:
                 pix, grid = names[modality]
                 pixels = args[0] if args else kw.get("hidden_states", kw.get("pixel_values"))
                 grids = kw.get("grid_thw", args[1] if len(args) > 1 else None)
-                prompt[pix], prompt[grid] = self._expand_to_rows(
-                    prompt["input_ids"], token_ids[modality], pixels, grids)
+                order = encoded_order(encoded[modality], grids.shape[0])
+                if order is not None:  # the items in the order the model's rows received them
+                    prompt[pix], prompt[grid] = self._select_items(pixels, grids, order)
+                else:
+                    prompt[pix], prompt[grid] = self._expand_to_rows(
+                        prompt["input_ids"], token_ids[modality], pixels, grids)
         return prompt
+
+    @staticmethod
+    def _select_items(pixels, grids, items):
+        """The pixel rows and grid rows of images/videos `items`, in that order."""
+        patches = grids.prod(-1).tolist()
+        offsets = [sum(patches[:i]) for i in range(len(patches))]
+        rows = [r for i in items for r in range(offsets[i], offsets[i] + patches[i])]
+        return (pixels.index_select(0, torch.tensor(rows, device=pixels.device)),
+                grids.index_select(0, torch.tensor(items, device=grids.device)))
 
     def tokens_per_item(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """Placeholder tokens of each image/video given its (t, h, w) patch grid."""
@@ -123,8 +136,6 @@ class ModelAdapter:
         K = sum(per_row) // max(sum(per_item), 1)
         if K * sum(per_item) != sum(per_row) or len(per_row) % K:
             raise RuntimeError("actreplay_ext: cannot match the recorded vision inputs to the prompt rows")
-        patches = grids.prod(-1).tolist()
-        offsets = [sum(patches[:i]) for i in range(len(patches))]
         items, item = [], 0
         for s in range(len(per_row) // K):  # rows s*K .. s*K+K-1 repeat sample s
             need, mine = per_row[s * K], []
@@ -133,10 +144,7 @@ class ModelAdapter:
                 need -= per_item[item]
                 item += 1
             items += mine * K
-        rows = [r for i in items for r in range(offsets[i], offsets[i] + patches[i])]
-        dev = pixels.device
-        return (pixels.index_select(0, torch.tensor(rows, device=dev)),
-                grids.index_select(0, torch.tensor(items, device=grids.device)))
+        return self._select_items(pixels, grids, items)
 
     def model_state(self) -> Dict:
         """Mutable state that a forward pass may change and the engine must restore."""
@@ -194,6 +202,27 @@ class QwenVLAdapter(ModelAdapter):
     def restore_state(self, state):
         if hasattr(self.model.model, "rope_deltas"):
             self.model.model.rope_deltas = state["rope_deltas"]
+
+
+def encoded_order(encoded, n_items: int) -> Optional[List[int]]:
+    """Which recorded image (or video) each entry of an encoded `pooler_output`
+    list is, told apart by identity. transformers 5.x `generate` with
+    `num_return_sequences=K` repeats the entry objects to match the repeated
+    rows (5.18 repeats each item K times in a row: [a, a, b, b], not
+    [a, b, a, b]), so this is the order the model's rows actually received;
+    the base model's prompt must follow it. None when it cannot be told."""
+    pooled = getattr(encoded, "pooler_output", None)
+    if not isinstance(pooled, (list, tuple)):
+        return None
+    first: List = []
+    order = []
+    for entry in pooled:
+        j = next((i for i, e in enumerate(first) if e is entry), None)
+        if j is None:
+            first.append(entry)
+            j = len(first) - 1
+        order.append(j)
+    return order if len(first) == n_items else None
 
 
 _REGISTRY: Dict[str, Type[ModelAdapter]] = {}

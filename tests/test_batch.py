@@ -93,3 +93,16 @@ def test_sdpa_matches_the_published_loop():
     pub = reference.published_replay(rlvr, base, inputs, cfg)
     assert result.selected == pub["selected"]
     assert float((result.deltas - pub["deltas"]).abs().max() / pub["deltas"].abs().max()) <= 1e-4
+
+
+def test_pass_at_k_with_two_images(pair):
+    """transformers 5.18 repeats each encoded image K times in a row when it
+    expands the prompt (rows then see [a, a] and [b, b]); the base model is
+    given the images in the order the RLVR rows received them."""
+    base, rlvr = pair
+    inputs = tiny.make_inputs(rlvr, images=[(8, 8), (4, 6)])
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=3)
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        rlvr.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+    assert handle.last.n_visual == [22, 22] and len(handle.last.deltas) == 2
+    assert handle.last.optimized_rows in (1, 2) and len(handle.last.losses) == 3
