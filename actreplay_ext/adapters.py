@@ -33,11 +33,15 @@ class ModelAdapter:
         cfg = self.model.config
         return getattr(cfg, "text_config", cfg)
 
+    def text_model(self) -> nn.Module:
+        """The causal text model; HF VLMs keep it at model.model.language_model."""
+        return self.model.model.language_model
+
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.text_model().layers
 
     def final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        return self.text_model().norm
 
     def norm_eps(self) -> float:
         norm = self.final_norm()
@@ -47,7 +51,7 @@ class ModelAdapter:
         raise AttributeError(f"cannot find the epsilon of {type(norm).__name__}")
 
     def unembed(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight
+        return self.model.lm_head.weight
 
     def vision_tower(self) -> Optional[nn.Module]:
         return None
@@ -158,18 +162,6 @@ class QwenVLAdapter(ModelAdapter):
     """Qwen2-VL and Qwen2.5-VL (transformers 4.57.x and 5.x share these paths)."""
 
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-
-    def _text_model(self):
-        return self.model.model.language_model
-
-    def decoder_layers(self):
-        return self._text_model().layers
-
-    def final_norm(self):
-        return self._text_model().norm
-
-    def unembed(self):
-        return self.model.lm_head.weight
 
     def vision_tower(self):
         return self.model.model.visual

@@ -42,18 +42,6 @@ class LlavaAdapter(ModelAdapter):
     prompt_keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes",
                    "vision_feature_layer", "vision_feature_select_strategy")
 
-    def _text_model(self):
-        return self.model.model.language_model
-
-    def decoder_layers(self):
-        return self._text_model().layers
-
-    def final_norm(self):
-        return self._text_model().norm
-
-    def unembed(self):
-        return self.model.lm_head.weight
-
     def vision_tower(self):
         return self.model.model.vision_tower
 

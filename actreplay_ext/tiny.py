@@ -65,10 +65,16 @@ def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, laye
     cfg = _config(family, hidden, layers, vocab, heads, kv_heads, intermediate)
     with torch.device(device or "cpu"):
         model = model_class(family)._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    return finish(model, sharpen)
+
+
+def finish(model, sharpen: float):
+    """Eval mode, a sharpened lens (final-norm weight x `sharpen`) and
+    fixed-length greedy generations, for any tiny HF VLM."""
     model.eval()
     with torch.no_grad():
         model.model.language_model.norm.weight.mul_(sharpen)
-    model.generation_config.eos_token_id = None  # fixed-length greedy generations
+    model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD_ID
     return model
 
@@ -77,15 +83,21 @@ def make_pair(family: str = "qwen2_5_vl", seed: int = 0, noise: float = 0.05, **
     """(base, rlvr): rlvr is base with Gaussian noise (std = noise * the parameter's
     std) on every text decoder-layer weight."""
     base = make_model(family, seed=seed, **kwargs)
+    return base, perturbed_copy(base, noise, seed + 1234)
+
+
+def perturbed_copy(base, noise: float, seed: int):
+    """A copy of `base` with Gaussian noise (std = noise * the parameter's std) on
+    every text decoder-layer weight: a stand-in for an RLVR post-trained model."""
     rlvr = copy.deepcopy(base)
     dev = next(base.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed + 1234)
+    g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for p in rlvr.model.language_model.layers.parameters():
             std = float(p.float().std()) if p.numel() > 1 else 0.0
             scale = std if std > 0 else 1.0
             p.add_((torch.randn(p.shape, generator=g, device=dev) * noise * scale).to(p.dtype))
-    return base, rlvr
+    return rlvr
 
 
 def make_inputs(model, images: Sequence[Tuple[int, int]] = ((8, 8),), video: Optional[Tuple[int, int, int]] = None,

@@ -2,13 +2,11 @@
 (CLIP vision tower, Llama text model): parity with the published loop, and
 patch()ed generate equal to optimize, on transformers 4.57.x and 5.x."""
 
-import copy
-
 import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import reference
+from actreplay_ext import reference, tiny
 from actreplay_ext.llava import LlavaAdapter
 
 transformers = pytest.importorskip("transformers")
@@ -34,24 +32,13 @@ def make_model(seed=0, sharpen=SHARPEN):
         image_token_index=IMAGE_TOKEN_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model = transformers.LlavaForConditionalGeneration._from_config(
         cfg, attn_implementation="eager", dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        model.model.language_model.norm.weight.mul_(sharpen)
-    model.generation_config.eos_token_id = None  # fixed-length greedy generations
-    model.generation_config.pad_token_id = PAD_ID
-    return model
+    return tiny.finish(model, sharpen)
 
 
 @pytest.fixture(scope="module")
 def pair():
     base = make_model()
-    rlvr = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for p in rlvr.model.language_model.layers.parameters():
-            std = float(p.std()) if p.numel() > 1 else 0.0
-            p.add_(torch.randn(p.shape, generator=g) * NOISE * (std if std > 0 else 1.0))
-    return base, rlvr
+    return base, tiny.perturbed_copy(base, NOISE, seed=1234)
 
 
 def make_inputs(n_images=2, text_len=12, seed=0):
