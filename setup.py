@@ -145,11 +145,31 @@ def _extensions():
     ]
 
 
+def _extras():
+    """Optional dependencies. torchvision (which the Qwen processors' video
+    processor needs, and the tests build processors) is pinned to the release
+    that matches the torch this build compiles against (torchvision 0.(m+15)
+    pairs with torch 2.m since torch 2.0): unpinned, pip would pull the newest
+    torchvision and upgrade torch under the compiled extension."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    torchvision = f"torchvision=={major - 2}.{minor + 15}.*" if major == 2 else "torchvision"
+    analyze = ["matplotlib>=3.5"]
+    return {
+        "analyze": analyze,
+        "video": [torchvision],
+        "test": ["pytest>=7", "hypothesis>=6", "accelerate", torchvision, *analyze],
+        "flash": ["flash-attn>=2.6"],
+    }
+
+
 def main():
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
         packages=find_packages(include=["actreplay_ext", "actreplay_ext.*"]),
+        extras_require=_extras(),
         ext_modules=_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )

@@ -15,11 +15,12 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["make_model", "make_pair", "make_inputs", "FAMILIES"]
+__all__ = ["make_model", "make_pair", "make_inputs", "make_processor", "save_pair", "FAMILIES"]
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 990, 991, 992, 993
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
+IM_START_ID, UNK_ID = 994, 995
 TEXT_IDS = (3, 900)
 
 
@@ -147,3 +148,86 @@ def make_inputs(model, images: Sequence[Tuple[int, int]] = ((8, 8),), video: Opt
         mm[input_ids == VIDEO_TOKEN_ID] = 2
         out["mm_token_type_ids"] = mm
     return out
+
+
+# ------------------------------------------------------------- a tiny processor
+
+#: Words of the embedded tokenizer, after the ten digits (ids 3..12).
+WORDS = ("+", "-", "*", "/", "=", "?", ".", ",", ":", "(", ")", "{", "}", "\\", "boxed", "what", "is", "the",
+         "answer", "how", "many", "are", "there", "in", "this", "image", "video", "of", "and", "which", "option",
+         "A", "B", "C", "D", "shapes", "frames", "sum", "count", "user", "assistant")
+
+
+def _tokenizer(vocab_size: int):
+    """A word-level tokenizer over the tiny models' vocabulary: specials at the
+    ids the model configs use, digits, a few words, and every other id a digit
+    too (written `d~id`, decoded as `d`), so the random models' answers read as
+    numbers and a numeric verifier is right about one time in ten."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    import transformers
+
+    special = {"<pad>": PAD_ID, "<s>": BOS_ID, "<|im_end|>": EOS_ID, "<|image_pad|>": IMAGE_TOKEN_ID,
+               "<|video_pad|>": VIDEO_TOKEN_ID, "<|vision_start|>": VISION_START_ID,
+               "<|vision_end|>": VISION_END_ID, "<|im_start|>": IM_START_ID, "<unk>": UNK_ID}
+    vocab = dict(special)
+    words = [str(d) for d in range(10)] + list(WORDS)
+    used = set(special.values())
+    free = (i for i in range(vocab_size) if i not in used)
+    for word, i in zip(words, free):
+        vocab[word] = i
+    for i in free:
+        vocab[f"{i % 10}~{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.Sequence([decoders.Replace(Regex("~[0-9]+$"), ""), decoders.Replace(Regex("^"), " ")])
+    # 4.57's Qwen processors insist on a Qwen2 tokenizer class; 5.x's Qwen2Tokenizer
+    # rebuilds a BPE model and drops ours, and 5.x processors take any fast tokenizer.
+    v4 = int(transformers.__version__.split(".")[0]) < 5
+    cls = transformers.Qwen2TokenizerFast if v4 else transformers.PreTrainedTokenizerFast
+    return cls(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+        additional_special_tokens=[k for k in special if k.startswith("<|")], clean_up_tokenization_spaces=False)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def make_processor(model):
+    """A Qwen2.5-VL style processor for a tiny model: its image and video
+    processors (small pixel budgets: 4 to 16 visual tokens per image), the
+    word-level tokenizer above and a plain chat template. Needs torchvision
+    (the video processor does)."""
+    import transformers
+
+    vcfg = model.config.vision_config
+    budget = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=vcfg.patch_size,
+                  merge_size=vcfg.spatial_merge_size, temporal_patch_size=vcfg.temporal_patch_size)
+    cls = (transformers.Qwen2_5_VLProcessor if model.config.model_type == "qwen2_5_vl"
+           else transformers.Qwen2VLProcessor)
+    return cls(image_processor=transformers.Qwen2VLImageProcessor(**budget),
+               video_processor=transformers.Qwen2VLVideoProcessor(**budget),
+               tokenizer=_tokenizer(model.config.text_config.vocab_size), chat_template=CHAT_TEMPLATE)
+
+
+def save_pair(directory: str, family: str = "qwen2_5_vl", noise: float = 0.2) -> Tuple[str, str]:
+    """Write the embedded pair as two checkpoints (weights, config, processor)
+    under `directory`/base and `directory`/rlvr, loadable like real ones with
+    `AutoModelForImageTextToText` and `AutoProcessor`. Returns the two paths."""
+    import os
+
+    base, rlvr = make_pair(family, noise=noise)
+    processor = make_processor(rlvr)
+    paths = []
+    for name, model in (("base", base), ("rlvr", rlvr)):
+        path = os.path.join(directory, name)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,6 +1,19 @@
-"""The `actreplay` command: demo on the embedded pair, help."""
+"""The `actreplay` command: demo on the embedded pair, run on checkpoints
+loaded from disk (the embedded pair saved with a processor), analyze, help."""
 
-from actreplay_ext import cli
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import actreplay_ext as ar
+from actreplay_ext import cli, data, tiny
+
+pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
+
+RUN_ARGS = ["--layers", "3", "--lr", "0.005", "--steps", "5", "--max-new-tokens", "6"]
 
 
 def test_demo_prints_the_replay(capsys):
@@ -14,4 +27,110 @@ def test_demo_prints_the_replay(capsys):
 
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("demo", "run", "analyze"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The embedded pair as two checkpoint directories, and two image files."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    base, rlvr = tiny.save_pair(str(root))
+    images = []
+    for i, (h, w) in enumerate([(60, 90), (56, 56)]):
+        rng = torch.Generator().manual_seed(i)
+        pixels = (torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        images.append(str(root / f"image{i}.png"))
+        Image.fromarray(pixels).save(images[-1])
+    return base, rlvr, images
+
+
+def run_output(capsys, *args):
+    assert cli.main(["--quiet", "run", *args]) == 0
+    return capsys.readouterr().out
+
+
+def answers(out):
+    return out.split("without replay:\n")[1].split("\n")[0], out.split("with replay:\n")[1].split("\n")[0]
+
+
+def test_run_answers_with_and_without_replay(checkpoints, capsys, tmp_path):
+    base, rlvr, images = checkpoints
+    targets = str(tmp_path / "targets.safetensors")
+    prompt = ["--rlvr", rlvr, "--image", *images, "--prompt", "what is 3 + 4 ?", *RUN_ARGS]
+    out = run_output(capsys, "--base", base, *prompt, "--save-targets", targets)
+    n_vis = int(out.split("visual tokens: ")[1].split(";")[0])
+    selected = [int(x) for x in out.split("selected per layer: ")[1].split("\n")[0].split()]
+    first, last = (float(x) for x in out.split("loss: ")[1].split(" over")[0].split(" -> "))
+    assert n_vis == 6 + 4 and len(selected) == 3 and 0 < max(selected) < n_vis
+    assert last < first
+
+    # The same replay in-process, on the checkpoints loaded the same way.
+    model, processor = data.load_model(rlvr, "float32", None, "sdpa"), data.load_processor(rlvr)
+    inputs = data.encode(processor, data.Row("x", "what is 3 + 4 ?", images=images))
+    cfg = ar.ReplayConfig(layers=3, lr=0.005, steps=5)
+    gen = dict(max_new_tokens=6, do_sample=False)
+    with ar.patch(model, base=data.load_model(base, "float32", None, "sdpa"), config=cfg):
+        replayed = model.generate(**inputs, **gen)
+    plain = model.generate(**inputs, **gen)
+    start = inputs["input_ids"].shape[1]
+    assert answers(out) == (data.decode_new(processor, plain, start)[0], data.decode_new(processor, replayed, start)[0])
+
+    # Saved targets stand in for the base model.
+    assert os.path.getsize(targets) > 0
+    again = run_output(capsys, *prompt, "--targets", targets)
+    untimed = lambda text: re.sub(r"\([0-9.]+ s\)", "", text)  # noqa: E731
+    assert untimed(again) == untimed(out)
+
+
+def test_run_needs_a_base_or_targets(checkpoints):
+    _, rlvr, images = checkpoints
+    with pytest.raises(SystemExit, match="give --base .* or --targets"):
+        cli.main(["--quiet", "run", "--rlvr", rlvr, "--image", images[0], "--prompt", "hi"])
+
+
+def test_analyze_demo_writes_csv_and_plots(tmp_path, capsys):
+    out_dir = tmp_path / "analysis"
+    assert cli.main(["--quiet", "analyze", "--demo", "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "kl_by_entropy_decile.png" in printed
+    names = sorted(os.listdir(out_dir))
+    assert names == ["entropy_histogram.csv", "entropy_histogram.png", "kl_by_entropy_decile.csv",
+                     "kl_by_entropy_decile.png"]
+    for png in ("entropy_histogram.png", "kl_by_entropy_decile.png"):
+        with open(out_dir / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import csv
+
+    with open(out_dir / "kl_by_entropy_decile.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({int(r["layer"]) for r in rows}) == [0, 1, 2, 3]
+    tokens = {l: sum(int(r["tokens"]) for r in rows if int(r["layer"]) == l) for l in range(4)}
+    assert len(set(tokens.values())) == 1 and tokens[0] > 10  # every layer sees the same visual tokens
+    assert all(float(r["mean_kl"]) > 0 for r in rows)
+
+
+def test_analyze_needs_its_inputs():
+    with pytest.raises(SystemExit, match="without --demo, give --base, --rlvr, --data"):
+        cli.main(["--quiet", "analyze", "--out", "x"])
+
+
+def test_synthetic_rows_roundtrip_through_jsonl(tmp_path):
+    """read_jsonl resolves relative paths and keeps ids, answers and choices."""
+    (tmp_path / "img").mkdir()
+    lines = [{"id": "a", "question": "q1", "image": "img/x.png", "answer": 3},
+             {"question": "q2", "images": ["img/x.png", "/abs/y.png"], "choices": ["1", "2"], "answer": "B"},
+             {"question": "q3", "video": "img"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    rows = data.read_jsonl(str(path))
+    assert [r.id for r in rows] == ["a", "2", "3"]
+    assert rows[0].images == [str(tmp_path / "img/x.png")] and rows[0].answer == "3"
+    assert rows[1].images[1] == "/abs/y.png" and rows[1].choices == ["1", "2"]
+    assert rows[2].video == str(tmp_path / "img")
+    assert data.question_text(rows[1]) == "q2\nA. 1\nB. 2"
+    path.write_text('{"question": "ok"}\n{"image": "x.png"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: each row needs a 'question' string"):
+        data.read_jsonl(str(path))

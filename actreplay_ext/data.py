@@ -1,0 +1,176 @@
+"""Prompts from JSONL files and real checkpoints from disk: what the CLI, the
+ablation and the Pass@K harness share.
+
+A dataset row is one JSON object per line:
+
+* ``question`` (required): the text of the prompt;
+* ``image`` (a path) or ``images`` (a list of paths), optional;
+* ``video`` (optional): a video file, a directory of frame images, or a list
+  of frame image paths;
+* ``answer`` (for evaluation), ``choices`` (optional list: a multiple-choice
+  question, shown as lettered options), ``id`` (optional; the line number
+  otherwise).
+
+Relative paths are resolved against the JSONL file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import string
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["Row", "read_jsonl", "encode", "load_model", "load_processor", "question_text", "decode_new",
+           "input_device", "synthetic_rows"]
+
+
+@dataclasses.dataclass
+class Row:
+    id: str
+    question: str
+    images: List[Any] = dataclasses.field(default_factory=list)  # paths or PIL images
+    video: Any = None  # path, directory, or list of frames (paths or PIL images)
+    answer: Optional[str] = None
+    choices: Optional[List[str]] = None
+
+
+def _resolve(path, root: str):
+    return os.path.join(root, path) if isinstance(path, str) and not os.path.isabs(path) else path
+
+
+def read_jsonl(path: str) -> List[Row]:
+    """The rows of a JSONL dataset; a malformed line is an error naming it."""
+    root = os.path.dirname(os.path.abspath(path))
+    rows, seen = [], set()
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str):
+                raise ValueError(f"{path}:{n}: each row needs a 'question' string")
+            images = [obj["image"]] if "image" in obj else list(obj.get("images", []))
+            video = obj.get("video")
+            if isinstance(video, list):
+                video = [_resolve(p, root) for p in video]
+            elif video is not None:
+                video = _resolve(video, root)
+            row = Row(id=str(obj.get("id", n)), question=obj["question"], images=[_resolve(p, root) for p in images],
+                      video=video, answer=None if obj.get("answer") is None else str(obj["answer"]),
+                      choices=obj.get("choices"))
+            if row.id in seen:
+                raise ValueError(f"{path}:{n}: duplicate id {row.id!r}")
+            seen.add(row.id)
+            rows.append(row)
+    return rows
+
+
+def question_text(row: Row) -> str:
+    """The question, with lettered options for a multiple-choice row."""
+    if not row.choices:
+        return row.question
+    options = "\n".join(f"{letter}. {c}" for letter, c in zip(string.ascii_uppercase, row.choices))
+    return f"{row.question}\n{options}"
+
+
+def _image(item):
+    from PIL import Image
+
+    return item if not isinstance(item, str) else Image.open(item).convert("RGB")
+
+
+def _frames(video):
+    """A video as the processor takes it: a list of frames, or a file path
+    (decoded by transformers' own video loader, which needs PyAV or torchcodec)."""
+    if isinstance(video, (list, tuple)):
+        return [_image(f) for f in video]
+    if isinstance(video, str) and os.path.isdir(video):
+        names = sorted(n for n in os.listdir(video) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        if not names:
+            raise ValueError(f"video directory {video!r} holds no frame images (.png/.jpg/.jpeg/.webp)")
+        return [_image(os.path.join(video, n)) for n in names]
+    return video
+
+
+def encode(processor, row: Row, device=None) -> Dict[str, torch.Tensor]:
+    """The model inputs of one row: the chat template with one image/video
+    placeholder per item, then the processor."""
+    content: List[Dict] = [{"type": "image"} for _ in row.images]
+    if row.video is not None:
+        content.append({"type": "video"})
+    content.append({"type": "text", "text": question_text(row)})
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    kwargs = {}
+    if row.images:
+        kwargs["images"] = [_image(p) for p in row.images]
+    if row.video is not None:
+        kwargs["videos"] = [_frames(row.video)]
+    enc = processor(text=[text], return_tensors="pt", **kwargs)
+    return {k: v.to(device) if device is not None and isinstance(v, torch.Tensor) else v for k, v in enc.items()}
+
+
+def load_model(path: str, dtype: str = "bfloat16", device_map: Optional[str] = "auto", attn: str = "sdpa"):
+    """A checkpoint from a local path (or a hub id where the network allows),
+    in eval mode. `device_map="auto"` spreads it over the GPUs (needs accelerate);
+    None keeps it on the CPU."""
+    from transformers import AutoModelForImageTextToText
+
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32), got {dtype!r}")
+    kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
+    if device_map is not None:
+        kw["device_map"] = device_map
+    return AutoModelForImageTextToText.from_pretrained(path, **kw).eval()
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def decode_new(processor, output: torch.Tensor, prompt_len: int) -> List[str]:
+    """The generated text of each row of `generate`'s output."""
+    return [processor.decode(row[prompt_len:], skip_special_tokens=True).strip() for row in output]
+
+
+def input_device(model) -> torch.device:
+    """Where the model's inputs go: its embedding's device (device_map may
+    spread the rest)."""
+    return model.get_input_embeddings().weight.device
+
+
+def synthetic_rows(n: int = 6, seed: int = 0) -> List[Row]:
+    """A small built-in dataset of random-noise images for the embedded pair:
+    sums to compute (numeric answers), one multiple-choice row, one row with two
+    images and one with a video."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def noise(h: int, w: int):
+        return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+    rows = []
+    for i in range(n):
+        a, b = (int(x) for x in rng.integers(0, 5, 2))
+        row = Row(id=f"synthetic-{i}", question=f"what is {a} + {b} ?", images=[noise(56, 84)], answer=str(a + b))
+        if i % 3 == 1:
+            row.images.append(noise(84, 56))
+        if i % 3 == 2:
+            row.images, row.video = [], [noise(56, 56) for _ in range(4)]
+            row.question = "how many frames are in this video ?"
+            row.answer = "4"
+        if i == n - 1:
+            row.question, row.choices, row.answer = "which option is the sum of 1 + 1 ?", ["3", "2", "5", "4"], "B"
+        rows.append(row)
+    return rows
+
