@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -27,6 +28,8 @@ from .prefill import (Prefill, capture_prefill, distinct_rows, frozen_parameters
                       prefix_layer_kwargs)
 
 __all__ = ["ReplayTargets", "ReplayResult", "compute_targets", "optimize", "apply"]
+
+log = logging.getLogger("actreplay_ext")
 
 
 # --------------------------------------------------------------------- results
@@ -394,6 +397,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
                     f"{where} is not finite (NaN or Inf activations); offsets discarded, model unchanged"
                 )
             losses.append(value)
+            log.debug("replay step %d: loss %.6g", step, value)
             if cfg.callback is not None:
                 cfg.callback(step, value)
             (grad,) = torch.autograd.grad(loss, delta)

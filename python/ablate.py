@@ -9,7 +9,7 @@ direct substitution, ...).
         --configs configs.json --out ablation/
 
 prompts.jsonl: one JSON object per line with "question" and "image" (a path)
-or "images" (a list of paths); "video" may be a list of frame image paths.
+or "images" (a list of paths) and/or "video" (see actreplay_ext.data).
 configs.json: a list of {"name": ..., "preset": optional, ...ReplayConfig fields};
 {"name": "baseline", "baseline": true} generates without replay.
 Writes ablation.md (the table) and ablation.json (everything, full loss curves).
@@ -24,7 +24,6 @@ import sys
 import time
 from typing import Dict, List
 
-import torch
 
 import actreplay_ext as ar
 
@@ -53,31 +52,13 @@ def demo_setup():
 
 def load_real(args):
     """Checkpoints from local paths (or hub ids where the network allows)."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from actreplay_ext import data
 
-    dtype = getattr(torch, args.dtype)
-    kw = dict(dtype=dtype, device_map=args.device_map, attn_implementation=args.attn)
-    base = AutoModelForImageTextToText.from_pretrained(args.base, **kw).eval()
-    rlvr = AutoModelForImageTextToText.from_pretrained(args.rlvr, **kw).eval()
-    processor = AutoProcessor.from_pretrained(args.rlvr)
-    prompts = []
-    with open(args.data) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            images = [row["image"]] if "image" in row else list(row.get("images", []))
-            content = [{"type": "image"} for _ in images]
-            video = row.get("video")
-            if video:
-                content.append({"type": "video"})
-            content.append({"type": "text", "text": row["question"]})
-            text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-            enc = processor(text=[text], images=[Image.open(p).convert("RGB") for p in images] or None,
-                            videos=[[Image.open(p).convert("RGB") for p in video]] if video else None,
-                            return_tensors="pt")
-            prompts.append({"id": row.get("id", str(i)), "inputs": {k: v.to(rlvr.device) for k, v in enc.items()}})
+    base = data.load_model(args.base, args.dtype, args.device_map, args.attn)
+    rlvr = data.load_model(args.rlvr, args.dtype, args.device_map, args.attn)
+    processor = data.load_processor(args.rlvr)
+    device = data.input_device(rlvr)
+    prompts = [{"id": row.id, "inputs": data.encode(processor, row, device)} for row in data.read_jsonl(args.data)]
     with open(args.configs) as f:
         configs = json.load(f)
     return base, rlvr, prompts, configs, processor

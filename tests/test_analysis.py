@@ -31,6 +31,7 @@ def full_model_outputs(model, inputs):
     return [outs[l][0, vis].detach() for l in range(len(outs))]
 
 
+@torch.no_grad()
 def oracle(base, rlvr, inputs):
     """Entropy and KL with the full vocabulary in float64."""
     result = []
