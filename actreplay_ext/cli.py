@@ -25,7 +25,8 @@ commands:
   analyze  the paper's logit-lens analysis on your checkpoints and prompts:
            KL(base || RLVR) per layer by base-entropy decile, as CSV and PNG
 
-`actreplay COMMAND --help` describes each command's options.
+`actreplay COMMAND --help` describes each command's options. Pass@K
+evaluation (data-parallel under torchrun) is `python python/eval_passk.py`.
 """
 
 log = logging.getLogger("actreplay_ext")
@@ -218,8 +219,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="actreplay", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quiet", action="store_true", help="no progress bars; only warnings and errors in the log")
+    # --quiet also after the command; SUPPRESS keeps the subcommand from resetting it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("demo", help="replay on the embedded tiny pair and print what it did")
+    p = sub.add_parser("demo", help="replay on the embedded tiny pair and print what it did", parents=[common])
     p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_5_vl")
     p.add_argument("--layers", type=int, default=3, help="replay layers (default 3 of the tiny model's 4)")
     p.add_argument("--steps", type=int, default=10)
@@ -228,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which built-in prompt")
     p.add_argument("--max-new-tokens", type=int, default=8)
 
-    p = sub.add_parser("run", help="answer one prompt with your checkpoints, with and without replay",
+    p = sub.add_parser("run", help="answer one prompt with your checkpoints, with and without replay", parents=[common],
                        description="Answer one prompt with a base/RLVR checkpoint pair, greedily, with and "
                                    "without Activation Replay. The processor comes from the RLVR checkpoint.")
     p.add_argument("--base", help="base model: a local checkpoint directory (or a hub id where the network allows)")
@@ -246,6 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _load_options(p)
 
     p = sub.add_parser("analyze", help="KL(base || RLVR) of the logit lens by base-entropy decile, CSV and PNG",
+                       parents=[common],
                        description="Per layer, the KL(base || RLVR) of the logit lens at every visual token, "
                                    "bucketed by the base model's lens entropy (deciles); writes "
                                    "kl_by_entropy_decile.csv/.png and entropy_histogram.csv/.png to --out.")
@@ -261,10 +266,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     commands = {"demo": demo, "run": run, "analyze": analyze}
-    if args.command in commands:
+    if args.command not in commands:
+        parser.print_help()
+        return 2
+    try:
         return commands[args.command](args)
-    parser.print_help()
-    return 2
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        # Bad input (mismatched models, a configuration beyond the model, a missing
+        # file) is the user's to fix: one line, not a traceback.
+        print(f"actreplay {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -134,3 +134,15 @@ def test_synthetic_rows_roundtrip_through_jsonl(tmp_path):
     path.write_text('{"question": "ok"}\n{"image": "x.png"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:2: each row needs a 'question' string"):
         data.read_jsonl(str(path))
+
+
+def test_bad_input_is_one_line_not_a_traceback(checkpoints, capsys):
+    base, rlvr, images = checkpoints
+    code = cli.main(["run", "--base", base, "--rlvr", rlvr, "--image", images[0], "--prompt", "hi",
+                     "--quiet", "--layers", "9"])  # --quiet after the command works too
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after transformers' own loading progress
+    assert code == 2 and "Traceback" not in err
+    assert last.startswith("actreplay run: error: ") and "layers = 9" in last and "4 decoder layers" in last
+    assert cli.main(["--quiet", "run", "--base", base, "--rlvr", str(images[0]) + ".missing", "--prompt", "hi"]) == 2
+    assert "actreplay run: error:" in capsys.readouterr().err
