@@ -243,3 +243,20 @@ def test_unseen_vision_inputs_are_an_error(pair):
             ad.prompt_from_forward(kwargs, [])
     # A text-only forward needs no pixels.
     assert set(ad.prompt_from_forward({"input_ids": ids, "mm_encoder_outputs": {}}, [])) == {"input_ids"}
+
+
+def test_direct_substitution_matches_published(pair):
+    """mode="direct" through patch()ed generate: the prefill's last logits equal
+    the published substitution's (on 5.x the base prompt is rebuilt from the
+    vision tower's call, as for the replay)."""
+    base, rlvr = pair
+    inputs = make_inputs()
+    cfg = ar.ReplayConfig(mode="direct", thresholds=[2.5, 2.5, 2.5])
+    ref_out = reference.published_direct(rlvr, base, inputs, cfg)
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        _, scores = greedy_scores(rlvr, inputs, n=2)
+    _, plain = greedy_scores(rlvr, inputs, n=2)
+    assert handle.last.selected == ref_out["counts"]
+    assert 0 < sum(ref_out["counts"]) < 3 * inputs["input_ids"].numel()  # real subsets, text included
+    assert torch.allclose(scores[0], ref_out["logits"][:, -1], rtol=0, atol=1e-5)
+    assert not torch.allclose(scores[0], plain[0], atol=1e-3)  # the substitution changes the answer's logits
