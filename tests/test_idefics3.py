@@ -206,7 +206,8 @@ def test_pass_at_k_optimises_once(pair, n_images):
 
 def test_batch_with_padding_images_and_left_padding(pair):
     """Two prompts with one and two images: pixel_values [2, 2, ...] with an
-    all-zero padding image for the first, and left padding; patch()ed generate
+    all-zero padding image for the first, a pixel_attention_mask that masks
+    part of the last image, and left padding; patch()ed generate
     equals optimize on the same batch (5.x rebuilds the padded layout from
     the vision tower's call, which saw the real images only)."""
     base, rlvr = pair
@@ -218,12 +219,21 @@ def test_batch_with_padding_images_and_left_padding(pair):
     pv = torch.zeros(2, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
     pv[0, 0] = one["pixel_values"][0, 0]
     pv[1] = two["pixel_values"][0]
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+    # The last image is padded on the right (as the processor pads a batch's images): 2 patch columns masked.
+    pixel_mask = torch.zeros(2, 2, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long)
+    pixel_mask[0, 0] = 1
+    pixel_mask[1, 0] = 1
+    pixel_mask[1, 1, :, : IMAGE_SIZE - 2 * PATCH] = 1
+    pv[1, 1, :, :, IMAGE_SIZE - 2 * PATCH:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv, "pixel_attention_mask": pixel_mask}
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=5)
     with ar.patch(rlvr, base=base, config=cfg) as handle:
         rlvr.generate(**batch, max_new_tokens=2, do_sample=False)
         last = handle.last
     result = ar.optimize(rlvr, batch, ar.compute_targets(base, batch, cfg), cfg)
+    unmasked = dict(batch, pixel_attention_mask=torch.ones_like(pixel_mask))
+    assert not torch.allclose(ar.compute_targets(base, unmasked, cfg).entropy,
+                              ar.compute_targets(base, batch, cfg).entropy, atol=1e-4)  # the mask matters
     assert last.n_visual == [TOKENS_PER_IMAGE, 2 * TOKENS_PER_IMAGE] and last.optimized_rows == 2
     assert last.losses == pytest.approx(result.losses, rel=1e-6)
     for ours, theirs in zip(last.deltas, result.deltas):
