@@ -251,6 +251,17 @@ def test_unseen_vision_inputs_are_an_error(pair):
                    {"input_ids": ids, "image_hidden_states": feats}):
         with pytest.raises(RuntimeError, match="pass pixel_values"):
             ad.prompt_from_forward(kwargs, [])
+    # Encoded images that match none of the recorded ones, or the wrong number of them.
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    call = [((), {"pixel_values": pixels, "patch_attention_mask": torch.ones(2, 8, 8, dtype=torch.bool)})]
+    a, b, c = torch.randn(3, TOKENS_PER_IMAGE, 64)
+    two_rows = ids.repeat(2, 1)
+    with pytest.raises(RuntimeError, match="cannot match"):
+        ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, b, c, a])}}, call)
+    with pytest.raises(RuntimeError, match="image tokens"):
+        ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, a, b, b])}}, call)
+    good = ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, b])}}, call)
+    assert torch.equal(good["pixel_values"][:, 0], pixels) and bool(good["pixel_attention_mask"].all())
     # A text-only forward needs no pixels.
     assert set(ad.prompt_from_forward({"input_ids": ids, "mm_encoder_outputs": {}}, [])) == {"input_ids"}
 
