@@ -72,9 +72,11 @@ def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, laye
 def finish(model, sharpen: float):
     """Eval mode, a sharpened lens (final-norm weight x `sharpen`) and
     fixed-length greedy generations, for any tiny HF VLM."""
+    from .adapters import get_adapter
+
     model.eval()
     with torch.no_grad():
-        model.model.language_model.norm.weight.mul_(sharpen)
+        get_adapter(model).final_norm().weight.mul_(sharpen)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD_ID
     return model
@@ -90,11 +92,13 @@ def make_pair(family: str = "qwen2_5_vl", seed: int = 0, noise: float = 0.05, **
 def perturbed_copy(base, noise: float, seed: int):
     """A copy of `base` with Gaussian noise (std = noise * the parameter's std) on
     every text decoder-layer weight: a stand-in for an RLVR post-trained model."""
+    from .adapters import get_adapter
+
     rlvr = copy.deepcopy(base)
     dev = next(base.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
-        for p in rlvr.model.language_model.layers.parameters():
+        for p in get_adapter(rlvr).decoder_layers().parameters():
             std = float(p.float().std()) if p.numel() > 1 else 0.0
             scale = std if std > 0 else 1.0
             p.add_((torch.randn(p.shape, generator=g, device=dev) * noise * scale).to(p.dtype))
