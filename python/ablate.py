@@ -71,8 +71,11 @@ def make_config(spec: Dict) -> ar.ReplayConfig:
     return ar.ReplayConfig(**fields)
 
 
-def run(base, rlvr, prompts, configs, processor, max_new_tokens: int) -> List[Dict]:
+def run(base, rlvr, prompts, configs, processor, max_new_tokens: int, quiet: bool = False) -> List[Dict]:
+    from tqdm.auto import tqdm
+
     rows = []
+    bar = tqdm(total=len(configs) * len(prompts), desc="ablation", disable=quiet, leave=False)
     for spec in configs:
         cfg = None if spec.get("baseline") else make_config(spec)
         for prompt in prompts:
@@ -93,6 +96,8 @@ def run(base, rlvr, prompts, configs, processor, max_new_tokens: int) -> List[Di
                 "losses": list(last.losses) if last else [], "selected": list(last.selected) if last else [],
                 "note": last.note if last else "no replay",
             })
+            bar.update(1)
+    bar.close()
     return rows
 
 
@@ -121,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16"), p.add_argument("--device-map", default="auto")
     p.add_argument("--attn", default="sdpa", help="attention implementation: eager, sdpa, flash_attention_2")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.demo:
         base, rlvr, prompts, configs, processor = demo_setup()
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
             p.error("without --demo, give " + ", ".join("--" + m for m in missing))
         base, rlvr, prompts, configs, processor = load_real(args)
         max_new = args.max_new_tokens or 1024
-    rows = run(base, rlvr, prompts, configs, processor, max_new)
+    rows = run(base, rlvr, prompts, configs, processor, max_new, args.quiet)
     md = table(rows)
     print(md)
     os.makedirs(args.out, exist_ok=True)
