@@ -13,27 +13,40 @@ What is new is **deepstack**. The vision tower also returns features taken
 after some of its blocks (``deepstack_visual_indexes``), and the text model's
 layer loop adds feature list entry i at the visual positions
 (``visual_pos_masks``) to the hidden states *after* decoder layer i, for
-i < len(deepstack_visual_embeds) (transformers 5.18 ``modeling_qwen3_vl.py``
-``Qwen3VLTextModel.forward`` lines 834-851 and ``_deepstack_process`` 860-869;
-4.57.6 lines 850-867 and 876-882). Both arrive as keyword arguments of the
-text model's forward (5.18 lines 1252-1261, 4.57.6 lines 1224-1233), so the
+i < len(deepstack_visual_embeds) (``models/qwen3_vl/modeling_qwen3_vl.py``,
+``Qwen3VLTextModel.forward`` layer loop: 5.18 lines 834-851, 4.57.6 lines
+850-867; ``_deepstack_process``: 5.18 lines 860-868, 4.57.6 lines 876-883).
+Both arrive as keyword arguments of the text model's forward (5.18 lines
+1252-1261, 4.57.6 lines 1224-1233), so the
 adapter records them with a forward pre-hook on the text model
 (`extras_module`) and the replay loop, which runs the decoder layers alone,
-adds them after the same layers (`Deepstack.after_layer`).
+adds them after the same layers (`Deepstack.after_layer`). Reading them there
+rather than from the vision tower keeps us clear of its version-specific return
+value (4.57.6: a ``(merged, deepstack_list)`` tuple, line 753; 5.18: a
+``BaseModelOutputWithDeepstackFeatures``, lines 739-743) and of how 5.x
+``generate`` encodes the images before the first forward and repeats the
+encoded features for ``num_return_sequences`` (``generation/utils.py``
+``_expand_multimodal_outputs``, deepstack lines 1158-1171): the RLVR rows get
+exactly the features the model used. The base model's prompt is rebuilt from
+the recorded vision-tower calls (``visual(pixel_values, grid_thw=...)`` in
+both versions) by `ModelAdapter.prompt_from_forward`, as for Qwen2.5-VL, and
+the base model computes its own features from those pixels.
 
 What "the output of decoder layer l" means here. HF's ``output_hidden_states``
 does not answer it the same way in the two versions:
 
 * 5.18 records the decoder layer's return value with a forward hook
-  (``_can_record_outputs = {"hidden_states": Qwen3VLTextDecoderLayer}``, line
-  635-638; ``utils/output_capturing.py``) and ``_deepstack_process`` clones
-  before adding (line 865), so ``hidden_states[l + 1]`` is the layer's return
-  value *without* the deepstack features, which is not what layer l + 1
-  receives.
-* 4.57.6 records the same tensor object (``utils/generic.py``
-  ``check_model_inputs``, lines 1031-1033) and ``_deepstack_process`` then
-  writes the sum into it in place (line 882), so ``hidden_states[l + 1]`` *is*
-  the residual stream after the deepstack add.
+  (``_can_record_outputs = {"hidden_states": Qwen3VLTextDecoderLayer}``, lines
+  635-638; ``utils/output_capturing.py`` lines 132-133) and
+  ``_deepstack_process`` clones before adding (line 865), so
+  ``hidden_states[l + 1]`` is the layer's return value *without* the deepstack
+  features, which is not what layer l + 1 receives.
+* 4.57.6 records the same tensor object (``_can_record_outputs`` lines
+  558-561; ``utils/generic.py`` ``check_model_inputs`` lines 1032-1033) and
+  ``_deepstack_process`` then writes the sum into it in place (line 882), so
+  ``hidden_states[l + 1]`` *is* the residual stream after the deepstack add.
+
+(``test_engine_reads_the_residual_stream_of_the_whole_model`` checks both.)
 
 We take h_out(l) = the residual stream leaving layer l = the decoder layer's
 return value plus the deepstack features of layer l = the input of layer l+1.

@@ -54,22 +54,35 @@ def pair():
     return base, tiny.perturbed_copy(base, NOISE, seed=1234)
 
 
-def make_inputs(model, images=IMAGES, text_len=8, seed=0):
+def make_inputs(model, images=IMAGES, video=None, text_len=8, seed=0):
     """text, then each image as <vision_start> <image>*(h*w/4) <vision_end> with
-    its own text after it, then text; pixel rows in image order."""
+    its own text after it, then an optional video (grid t x h x w) as Qwen3-VL
+    lays it out, each frame after a timestamp token in its own
+    <vision_start> ... <vision_end>, then text; pixel rows in item order."""
     g = torch.Generator().manual_seed(seed)
     text = lambda n: torch.randint(3, 900, (n,), generator=g).tolist()  # noqa: E731
     ids = [BOS_ID] + text(text_len // 2)
     for h, w in images:
         ids += [START_ID] + [IMAGE_ID] * (h * w // MERGE**2) + [END_ID] + text(2)
+    if video is not None:
+        t, h, w = video
+        for _ in range(t):
+            ids += text(1) + [START_ID] + [VIDEO_ID] * (h * w // MERGE**2) + [END_ID]
     ids += text(text_len - text_len // 2)
     input_ids = torch.tensor([ids])
-    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-           "image_grid_thw": torch.tensor([[1, h, w] for h, w in images]),
-           "pixel_values": torch.randn(sum(h * w for h, w in images), PIXEL_DIM, generator=g)}
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if images:
+        out["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in images])
+        out["pixel_values"] = torch.randn(sum(h * w for h, w in images), PIXEL_DIM, generator=g)
+    if video is not None:
+        out["video_grid_thw"] = torch.tensor([list(video)])
+        out["pixel_values_videos"] = torch.randn(video[0] * video[1] * video[2], PIXEL_DIM, generator=g)
     # transformers 5.x computes M-RoPE from mm_token_type_ids (and raises without it); 4.57 rejects it in generate.
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        out["mm_token_type_ids"] = (input_ids == IMAGE_ID).to(torch.int32)
+        mm = torch.zeros_like(input_ids, dtype=torch.int32)
+        mm[input_ids == IMAGE_ID] = 1
+        mm[input_ids == VIDEO_ID] = 2
+        out["mm_token_type_ids"] = mm
     return out
 
 
@@ -210,6 +223,35 @@ def test_optimize_matches_published_loop(pair, alignment):
     for ours, theirs in zip(result.losses, pub["losses"]):
         assert abs(ours - theirs) <= 1e-5 * abs(theirs)
     assert result.losses[-1] < result.losses[0]  # the loss falls
+
+
+def test_image_and_video_match_published_loop(pair):
+    """An image and a two-frame video: the model merges their deepstack
+    features into one list over all visual positions; the patched generate
+    replays the same offsets."""
+    base, rlvr = pair
+    inputs = make_inputs(base, images=[(8, 8)], video=(2, 4, 4))
+    pre = capture_prefill(ar.get_adapter(base), inputs)
+    ids = inputs["input_ids"]
+    assert torch.equal(pre.extras.visual, (ids == IMAGE_ID) | (ids == VIDEO_ID)) and int(pre.visual.sum()) == 24
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=6)
+    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    assert result.deltas.shape == (24, 64) and result.selected == pub["selected"]
+    assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.allclose(handle.last.deltas, result.deltas, rtol=0, atol=1e-6)
+
+
+def test_text_only_prompt_is_unchanged(pair):
+    base, rlvr = pair
+    inputs = make_inputs(base, images=[])
+    plain = rlvr.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with ar.patch(rlvr, base=base, config=ar.ReplayConfig(layers=3, lr=LR, steps=2)) as handle:
+        patched = rlvr.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(plain, patched)
+    assert not handle.last.replayed and "no visual tokens" in handle.last.note
 
 
 def test_without_the_deepstack_hook_parity_breaks(pair, monkeypatch):
