@@ -157,6 +157,20 @@ class ModelAdapter:
     def restore_state(self, state: Dict) -> None:
         pass
 
+    # ---- what the model's layer loop adds between decoder layers
+    def extras_module(self) -> Optional[nn.Module]:
+        """A module called in each forward before decoder layer 0 whose call
+        carries per-prefill inputs that the model's layer loop adds to the
+        residual stream between decoder layers (Qwen3-VL: the text model, with
+        its deepstack features). None (the default): the family adds nothing,
+        so the decoder layers alone reproduce the residual stream."""
+        return None
+
+    def extras_from_call(self, args: tuple, kwargs: Dict):
+        """The `prefill.LayerExtras` of one call of `extras_module()`, or None
+        when this call adds nothing (e.g. a decode step)."""
+        return None
+
 
 class QwenVLAdapter(ModelAdapter):
     """Qwen2-VL and Qwen2.5-VL (transformers 4.57.x and 5.x share these paths)."""

@@ -3,7 +3,8 @@ logit-lens distribution of each visual token, as a function of how certain the
 base model was there.
 
 For every prompt, layer l and visual token i, with p = base lens and q = RLVR
-lens of the layer-l *outputs* (final norm and unembedding of each model):
+lens of the layer-l *outputs* (the residual stream leaving layer l, i.e. the
+input of layer l + 1; final norm and unembedding of each model):
 
     H_i = entropy of p,       KL_i = KL(p || q) = sum_v p_v (log p_v - log q_v)
 
@@ -23,7 +24,7 @@ import torch
 
 from .adapters import check_pair, get_adapter
 from .engine import _run_layers
-from .prefill import capture_prefill, prefix_layer_kwargs
+from .prefill import capture_prefill, prefix_extras, prefix_layer_kwargs
 
 __all__ = ["LayerStats", "lens_kl", "Analysis", "plot"]
 
@@ -49,7 +50,8 @@ def _visual_outputs(adapter, inputs: Dict, layers: int) -> List[torch.Tensor]:
     outs: List[torch.Tensor] = []
     with torch.no_grad():
         _run_layers(adapter, pre.hidden0[:, :P], prefix_layer_kwargs(pre.layer_kwargs, P), 0, layers,
-                    lambda l, h_in, h_out: outs.append(h_out[0].index_select(0, vis.to(h_out.device))))
+                    lambda l, h_in, h_out: outs.append(h_out[0].index_select(0, vis.to(h_out.device))),
+                    extras=prefix_extras(pre, P))
     return outs
 
 

@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .adapters import ModelAdapter
 from .config import ReplayConfig
-from .prefill import Prefill, layer_output, prefix_layer_kwargs
+from .prefill import Prefill, layer_output, prefix_extras, prefix_layer_kwargs
 
 __all__ = ["DirectPlan", "plan_direct", "substitute"]
 
@@ -41,6 +41,7 @@ def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: b
     """Entropy of the lens of every layer output [L, B*T], and the layer inputs."""
     T = pre.hidden0.shape[1]
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, T)  # the full prompt, without a cache
+    extras = prefix_extras(pre, T)
     unembed = adapter.unembed().detach()
     norm_w, eps = adapter.final_norm().weight.detach(), adapter.norm_eps()
     layers = adapter.decoder_layers()
@@ -51,6 +52,8 @@ def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: b
             if keep_inputs:
                 inputs.append(h)
             h = layer_output(layers[l](h, **kwargs))
+            if extras is not None:  # the residual stream leaving layer l (SPEC §2)
+                h = extras.after_layer(l, h)
             rows = h.reshape(-1, h.shape[-1]).to(unembed.device).contiguous()
             entropies.append(ops.lens_entropy(rows, unembed, norm_w, eps, 0)[0])
     return torch.stack(entropies), inputs

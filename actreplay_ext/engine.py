@@ -24,8 +24,8 @@ import torch.utils.checkpoint
 from . import ops
 from .adapters import ModelAdapter, get_adapter
 from .config import ReplayConfig
-from .prefill import (Prefill, capture_prefill, distinct_rows, frozen_parameters, layer_output,
-                      prefix_layer_kwargs)
+from .prefill import (LayerExtras, Prefill, capture_prefill, distinct_rows, frozen_parameters, layer_output,
+                      prefix_extras, prefix_layer_kwargs)
 
 __all__ = ["ReplayTargets", "ReplayResult", "compute_targets", "optimize", "apply"]
 
@@ -170,8 +170,11 @@ AUTO_CHECKPOINT_TOKENS = 4096
 
 def _run_layers(adapter: ModelAdapter, hidden: torch.Tensor, kwargs: Dict, start: int, stop: int,
                 visit: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-                checkpoint: bool = False) -> torch.Tensor:
+                checkpoint: bool = False, extras: Optional[LayerExtras] = None) -> torch.Tensor:
     """Decoder layers start .. stop-1 on `hidden`; visit(l, h_in, h_out) after each.
+    h_out is the residual stream leaving layer l as the whole model has it: the
+    layer's return value plus what the model adds between layers (`extras`,
+    e.g. Qwen3-VL's deepstack features), i.e. the input of layer l + 1.
     With `checkpoint`, each layer's activations are recomputed in the backward."""
     layers = adapter.decoder_layers()
     for l in range(start, stop):
@@ -180,6 +183,8 @@ def _run_layers(adapter: ModelAdapter, hidden: torch.Tensor, kwargs: Dict, start
             out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
         else:
             out = layer_output(layers[l](hidden, **kwargs))
+        if extras is not None:
+            out = extras.after_layer(l, out)
         if visit is not None:
             visit(l, hidden, out)
         hidden = out
@@ -211,6 +216,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
     unembed, norm_w, eps = _lens_params(adapter)
     flat_vis = pre.visual[:, :P].reshape(-1).nonzero().squeeze(1)
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, P)
+    extras = prefix_extras(pre, P)
     entropies, top_vals, top_idx = [], [], []
 
     def lens(l, h_in, h_out):  # base side: h_out(l) at every visual token
@@ -222,7 +228,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         top_idx.append(idx)
 
     with torch.no_grad():
-        _run_layers(adapter, pre.hidden0[:, :P], kwargs, 0, L, lens)
+        _run_layers(adapter, pre.hidden0[:, :P], kwargs, 0, L, lens, extras=extras)
     entropy = torch.stack(entropies)  # [L, n_total]
     bad = (~torch.isfinite(entropy)).any(1).nonzero()
     if bad.numel():
@@ -327,6 +333,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     m = cfg.inject_layer
     flat_vis = pre.visual[:, :P].reshape(-1).nonzero().squeeze(1).to(device)
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, P)
+    extras = prefix_extras(pre, P)
     unembed, norm_w, eps = _lens_params(adapter)
     targets = targets.to(unembed.device)
 
@@ -360,7 +367,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     dtype = pre.hidden0.dtype
     base_hidden = pre.hidden0[:, :P].detach()
     with torch.no_grad():  # layers before the injection point do not depend on the offsets
-        base_hidden = _run_layers(adapter, base_hidden, kwargs, 0, m)
+        base_hidden = _run_layers(adapter, base_hidden, kwargs, 0, m, extras=extras)
     flat_hidden = base_hidden.reshape(B * P, D).float()
 
     use_checkpoint = cfg.checkpoint is True or (cfg.checkpoint == "auto" and B * P >= AUTO_CHECKPOINT_TOKENS)
@@ -380,7 +387,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
                 visit = lambda l, h_in, h_out: gather(h_out) if (l + 1) in loss_set else None  # noqa: E731
             else:  # r_l = output of layer l
                 visit = lambda l, h_in, h_out: gather(h_out) if l in loss_set else None  # noqa: E731
-            _run_layers(adapter, h, kwargs, m, stop, visit, checkpoint=use_checkpoint)
+            _run_layers(adapter, h, kwargs, m, stop, visit, checkpoint=use_checkpoint, extras=extras)
             if not gathered:
                 losses.append(0.0)
                 continue

@@ -1,11 +1,14 @@
 """`patch(model, base=...)`: Activation Replay inside `generate`, through hooks.
 
-Three hooks on the RLVR model, all removed by `ReplayHandle.remove()`:
+Hooks on the RLVR model, all removed by `ReplayHandle.remove()`:
   * a forward pre-hook on the model records the prompt of each forward call
     (input ids, pixel inputs) and whether the call is a prefill (empty KV cache);
   * a forward pre-hook on the vision tower records its inputs (transformers 5.x
     encodes images in `generate` before the first forward and passes only the
     features, so the base model's pixels are recovered from here);
+  * for families whose layer loop adds per-prefill state between decoder layers
+    (Qwen3-VL's deepstack features), a forward pre-hook on the module that
+    receives it (`adapter.extras_module()`) records it for the replay loop;
   * a forward pre-hook on decoder layer 0 runs the replay at each multimodal
     prefill, from the layer-0 input the model has just built, and returns that
     input with the offsets added. Decode steps pass through untouched.
@@ -24,7 +27,7 @@ from .config import ReplayConfig
 from .engine import (ReplayResult, ReplayTargets, _check_config_for, add_offsets, optimize_from_prefill,
                      targets_from_prefill)
 from .direct import DirectPlan, plan_direct, substitute
-from .prefill import Prefill, cache_length, capture_prefill, in_internal_forward, internal_forward
+from .prefill import Prefill, cache_length, capture_prefill, in_internal_forward, internal_forward, record_extras
 
 __all__ = ["patch", "ReplayHandle"]
 
@@ -53,6 +56,7 @@ class ReplayHandle:
         self.last: Optional[ReplayResult] = None
         self._call: Optional[Dict] = None
         self._visual_calls: List = []
+        self._extras = None  # between-layer extras of the running forward (Qwen3-VL deepstack)
         self._plan: Optional[DirectPlan] = None  # direct mode: substitutions of the running prefill
         self._handles = []
         self._install()
@@ -70,6 +74,9 @@ class ReplayHandle:
             tower = self.adapter.vision_tower()
             if tower is not None:
                 self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
+            extras = record_extras(self.adapter, self._on_extras)
+            if extras is not None:
+                self._handles.append(extras)
             layers = self.adapter.decoder_layers()
             self._handles.append(layers[0].register_forward_pre_hook(self._on_layer0, with_kwargs=True))
             if self.config.mode == "direct":  # substitution reaches layers 1 .. L-1 too
@@ -87,12 +94,14 @@ class ReplayHandle:
         self._handles = []
         self._call = None
         self._visual_calls = []
+        self._extras = None
         self._plan = None
 
     def reset(self) -> None:
         """Forget per-conversation state (the pending call, recorded vision inputs, `last`)."""
         self._call = None
         self._visual_calls = []
+        self._extras = None
         self._plan = None
         self.last = None
 
@@ -116,12 +125,17 @@ class ReplayHandle:
             self._visual_calls.append((args, dict(kwargs)))
         return None
 
+    def _on_extras(self, extras):
+        if not in_internal_forward():
+            self._extras = extras
+
     def _on_forward(self, module, args, kwargs):
         if in_internal_forward():
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         prefill = cache_length(kwargs) == 0
         self._plan = None
+        self._extras = None
         if not prefill:
             self._visual_calls = []
         self._call = {"kwargs": kwargs, "input_ids": ids, "prefill": prefill}
@@ -131,6 +145,7 @@ class ReplayHandle:
         if in_internal_forward():
             return None
         call, self._call = self._call, None
+        extras, self._extras = self._extras, None
         if call is None or not call["prefill"]:
             return None
         if call["input_ids"] is None:
@@ -148,7 +163,7 @@ class ReplayHandle:
         if self._fixed is not None:
             new = add_offsets(hidden, visual, self._fixed.flat_deltas())
         elif self.config.mode == "direct":
-            new = self._plan_direct(call, visual_calls, hidden, kwargs, ids, visual)
+            new = self._plan_direct(call, visual_calls, hidden, kwargs, ids, visual, extras)
             if new is None:
                 return None
         else:
@@ -160,7 +175,7 @@ class ReplayHandle:
             targets = self._targets_for(call, visual_calls)
             if targets is None:
                 return None
-            pre = Prefill(hidden.detach(), kwargs, ids, visual, call["kwargs"].get("attention_mask"))
+            pre = Prefill(hidden.detach(), kwargs, ids, visual, call["kwargs"].get("attention_mask"), extras)
             with internal_forward():
                 result = optimize_from_prefill(self.adapter, pre, targets, self.config)
             self.last = result
@@ -172,10 +187,10 @@ class ReplayHandle:
         kwargs = dict(kwargs, hidden_states=new)
         return args, kwargs
 
-    def _plan_direct(self, call, visual_calls, hidden, kwargs, ids, visual):
+    def _plan_direct(self, call, visual_calls, hidden, kwargs, ids, visual, extras):
         if self.base_adapter is None:
             return None
-        rlvr_pre = Prefill(hidden.detach(), kwargs, ids, visual, call["kwargs"].get("attention_mask"))
+        rlvr_pre = Prefill(hidden.detach(), kwargs, ids, visual, call["kwargs"].get("attention_mask"), extras)
         with internal_forward():
             base_pre = capture_prefill(self.base_adapter, self._base_prompt(call, visual_calls))
             plan = plan_direct(self.adapter, rlvr_pre, self.base_adapter, base_pre, self.config)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from .adapters import ModelAdapter
 
-__all__ = ["Prefill", "capture_prefill", "prefix_layer_kwargs", "layer_output", "frozen_parameters"]
+__all__ = ["Prefill", "LayerExtras", "capture_prefill", "prefix_layer_kwargs", "prefix_extras", "layer_output",
+           "frozen_parameters", "record_extras"]
 
 
 _internal = threading.local()
@@ -54,6 +55,35 @@ class _StopForward(Exception):
     """Raised from a hook once the forward has produced what we need."""
 
 
+class LayerExtras:
+    """Per-prefill state that a model's own layer loop adds to the residual
+    stream *between* decoder layers, which running the decoder layers alone
+    must reproduce (Qwen3-VL adds its deepstack visual features after the first
+    decoder layers). The adapter builds it from a recorded forward call
+    (`ModelAdapter.extras_module` / `extras_from_call`); families without such
+    state have none (`Prefill.extras is None`), and this base class adds nothing.
+
+    The residual stream leaving decoder layer l, h_out(l), is what
+    `after_layer(l, layer_output)` returns: the input of layer l + 1."""
+
+    def after_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` [B, T, D], the return value of decoder layer `layer`, as the
+        next layer receives it. Out of place (the loop differentiates through it)."""
+        return hidden
+
+    def prefix(self, P: int) -> "LayerExtras":
+        """The extras of the prefix of the first P positions (SPEC §5.3)."""
+        return self
+
+    def rows(self, index: List[int]) -> "LayerExtras":
+        """The extras of batch rows `index`, in that order."""
+        return self
+
+    def same_rows(self, a: int, b: int) -> bool:
+        """Whether rows a and b carry equal extras (see `distinct_rows`)."""
+        return True
+
+
 @dataclasses.dataclass
 class Prefill:
     hidden0: torch.Tensor  # [B, T, D] input of decoder layer 0
@@ -61,6 +91,7 @@ class Prefill:
     input_ids: torch.Tensor  # [B, T]
     visual: torch.Tensor  # [B, T] bool, visual placeholder positions
     attention_mask: Optional[torch.Tensor] = None  # [B, T] 1 = token, 0 = padding
+    extras: Optional[LayerExtras] = None  # what the layer loop adds between layers (None: nothing)
 
     @property
     def prefix_len(self) -> int:
@@ -75,6 +106,19 @@ class Prefill:
 def layer_output(out):
     """Decoder layers return a tuple in transformers 4.57 and a tensor in 5.x."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def record_extras(adapter: ModelAdapter, store: Callable[[Optional[LayerExtras]], None]):
+    """A forward pre-hook on the adapter's extras module that hands the
+    extras of each of its calls to `store`; None when the family has none."""
+    module = adapter.extras_module()
+    if module is None:
+        return None
+
+    def hook(mod, args, kwargs):
+        store(adapter.extras_from_call(args, kwargs))
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
@@ -97,19 +141,23 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
         raise _StopForward
 
     state = adapter.model_state()
-    handle = adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)]
     try:
+        handles.append(record_extras(adapter, lambda extras: seen.__setitem__("extras", extras)))
         with torch.no_grad(), internal_forward():
             model(**fwd, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            if handle is not None:
+                handle.remove()
         adapter.restore_state(state)
     if "hidden" not in seen:
         raise RuntimeError("actreplay_ext: the forward pass never reached decoder layer 0")
     ids = fwd["input_ids"]
-    return Prefill(seen["hidden"], seen["kwargs"], ids, adapter.visual_mask(ids), fwd.get("attention_mask"))
+    return Prefill(seen["hidden"], seen["kwargs"], ids, adapter.visual_mask(ids), fwd.get("attention_mask"),
+                   seen.get("extras"))
 
 
 def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
@@ -134,6 +182,11 @@ def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
         if isinstance(out.get(key), torch.Tensor):
             out[key] = out[key][..., :P]
     return out
+
+
+def prefix_extras(pre: Prefill, P: int) -> Optional[LayerExtras]:
+    """The prefill's between-layer extras cut to its first P positions."""
+    return None if pre.extras is None else pre.extras.prefix(P)
 
 
 def _batch_dim(key: str, t: torch.Tensor) -> Optional[int]:
@@ -171,6 +224,8 @@ def distinct_rows(pre: Prefill):
     def same(a: int, b: int) -> bool:
         if not (torch.equal(pre.input_ids[a], pre.input_ids[b]) and torch.equal(pre.hidden0[a], pre.hidden0[b])):
             return False
+        if pre.extras is not None and not pre.extras.same_rows(a, b):
+            return False
         for key, t in tensors:
             d = _batch_dim(key, t)
             if d is not None and t.shape[d] == B and not torch.equal(t.select(d, a), t.select(d, b)):
@@ -205,7 +260,8 @@ def distinct_rows(pre: Prefill):
     reduced = Prefill(pre.hidden0.index_select(0, idx), kwargs,
                       pre.input_ids.index_select(0, idx.to(pre.input_ids.device)),
                       pre.visual.index_select(0, idx.to(pre.visual.device)),
-                      None if mask is None else mask.index_select(0, idx.to(mask.device)))
+                      None if mask is None else mask.index_select(0, idx.to(mask.device)),
+                      None if pre.extras is None else pre.extras.rows(reps))
     return reduced, row_map
 
 

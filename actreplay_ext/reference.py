@@ -153,6 +153,25 @@ def topk_kl(
 # --------------------------------------------------- the published replay loop
 
 
+def _record_layer_outputs(adapter, L, record):
+    """Forward pre-hooks that call record(l, h_out(l)) for l < L in a whole-model
+    forward. h_out(l) is the residual stream leaving decoder layer l, read as
+    the input of layer l + 1 (of the final norm after the last layer): the
+    layer's return value plus whatever the model's layer loop adds after it
+    (Qwen3-VL's deepstack features; see actreplay_ext/qwen3_vl.py for why this
+    and not `output_hidden_states`, which differs between transformers 4.57
+    and 5.x there). For families that add nothing it is the layer's return value."""
+    layers = adapter.decoder_layers()
+    readers = [layers[l + 1] if l + 1 < len(layers) else adapter.final_norm() for l in range(L)]
+
+    def hook(l):
+        def read(mod, args, kwargs):
+            record(l, args[0] if args else kwargs["hidden_states"])
+        return read
+
+    return [mod.register_forward_pre_hook(hook(l), with_kwargs=True) for l, mod in enumerate(readers)]
+
+
 def published_replay(rlvr, base, inputs, config=None):
     """A plain-PyTorch port of the published per-prompt loop (SPEC §3), written
     for parity tests and as the benchmark baseline, waste included: the whole
@@ -160,7 +179,8 @@ def published_replay(rlvr, base, inputs, config=None):
     run in every step, the lens materialises full-vocabulary logits for every
     position of the base pass and every selected token, and the weights keep
     their requires_grad. Hooks on the decoder layers read and offset the
-    residual stream. Batch size 1 (as the published code).
+    residual stream. Batch size 1 (as the published code). The output of
+    layer l is the residual stream leaving it (`_record_layer_outputs`).
 
     Divergences from the published code, as SPEC §3 documents: the RMSNorm of
     the loss runs in float32 (bf16 there), and the final norm is applied on the
@@ -171,7 +191,6 @@ def published_replay(rlvr, base, inputs, config=None):
     """
     from .adapters import get_adapter
     from .config import ReplayConfig
-    from .prefill import layer_output
 
     cfg = config or ReplayConfig()
     b_ad, r_ad = get_adapter(base, "base"), get_adapter(rlvr, "rlvr")
@@ -185,8 +204,7 @@ def published_replay(rlvr, base, inputs, config=None):
 
     # 1. Base pass: every layer's output, the full lens at every position.
     outs = {}
-    hooks = [layer.register_forward_hook(lambda mod, a, o, l=l: outs.__setitem__(l, layer_output(o)))
-             for l, layer in enumerate(b_ad.decoder_layers()[:L])]
+    hooks = _record_layer_outputs(b_ad, L, outs.__setitem__)
     state = b_ad.model_state()
     try:
         with torch.no_grad():
@@ -224,11 +242,12 @@ def published_replay(rlvr, base, inputs, config=None):
         acts["in", m] = h
         return (h,) + tuple(args[1:]), kwargs
 
-    hooks = [layers[m].register_forward_pre_hook(offset, with_kwargs=True)]
+    # Outputs first: layer m's pre-hooks then read h_out(m - 1) before the offset is added.
+    hooks = _record_layer_outputs(r_ad, L, lambda l, h: acts.__setitem__(("out", l), h))
+    hooks.append(layers[m].register_forward_pre_hook(offset, with_kwargs=True))
     for l in range(L):
         if l != m:
             hooks.append(layers[l].register_forward_pre_hook(lambda mod, a, l=l: acts.__setitem__(("in", l), a[0])))
-        hooks.append(layers[l].register_forward_hook(lambda mod, a, o, l=l: acts.__setitem__(("out", l), layer_output(o))))
     W_r, w_r, eps_r = r_ad.unembed(), r_ad.final_norm().weight, r_ad.norm_eps()
     side = "in" if cfg.alignment == "published" else "out"
     losses = []
@@ -268,7 +287,6 @@ def published_direct(rlvr, base, inputs, config):
     replaced by the base model's where the rule holds. Returns a dict with the
     substituted forward's `logits` and the per-layer `counts`."""
     from .adapters import get_adapter
-    from .prefill import layer_output
 
     cfg = config
     b_ad, r_ad = get_adapter(base, "base"), get_adapter(rlvr, "rlvr")
@@ -282,7 +300,7 @@ def published_direct(rlvr, base, inputs, config):
             if pre_hook is not None:
                 hooks.append(layer.register_forward_pre_hook(lambda m, a, k, l=l: pre_hook(l, a, k), with_kwargs=True))
             hooks.append(layer.register_forward_pre_hook(lambda m, a, l=l: ins.__setitem__(l, a[0])))
-            hooks.append(layer.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, layer_output(o))))
+        hooks += _record_layer_outputs(adapter, L, outs.__setitem__)
         state = adapter.model_state()
         try:
             with torch.no_grad():
