@@ -111,6 +111,7 @@ class ReplayResult:
     `deltas`: float32 [n_visual, D] for one prompt; for a batch, a list with one
     [n_visual_row, D] tensor per row. `losses`: the loss before each update.
     `selected`: selected visual tokens per replay layer (summed over rows).
+    `inject_layer`: the decoder layer whose input the offsets are added to.
     """
 
     deltas: object
@@ -121,6 +122,7 @@ class ReplayResult:
     note: str = ""
     input_ids: Optional[torch.Tensor] = None
     optimized_rows: int = 0  # distinct rows the loop ran on (identical rows share offsets)
+    inject_layer: int = 0
 
     @property
     def replayed(self) -> bool:
@@ -415,7 +417,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     if B > 1:
         deltas = list(deltas.split(n_visual))
     selected = [int(s.numel()) for s in targets.selected]
-    return ReplayResult(deltas, losses, selected, n_visual, timings, input_ids=pre.input_ids)
+    return ReplayResult(deltas, losses, selected, n_visual, timings, input_ids=pre.input_ids, inject_layer=m)
 
 
 @contextlib.contextmanager
@@ -446,7 +448,8 @@ def add_offsets(hidden: torch.Tensor, visual: torch.Tensor, deltas: torch.Tensor
 @contextlib.contextmanager
 def apply(rlvr: torch.nn.Module, result: ReplayResult):
     """Within the block, the RLVR model's prefill gets `result`'s offsets added at
-    the visual positions of its layer-0 input (decode steps are untouched)."""
+    the visual positions of the input of layer `result.inject_layer` (0 unless
+    the replay was a mid replay); decode steps are untouched."""
     from .patch import ReplayHandle
 
     handle = ReplayHandle(rlvr, base=None, config=None, fixed_result=result)

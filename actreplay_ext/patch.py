@@ -12,6 +12,8 @@ Hooks on the RLVR model, all removed by `ReplayHandle.remove()`:
   * a forward pre-hook on decoder layer 0 runs the replay at each multimodal
     prefill, from the layer-0 input the model has just built, and returns that
     input with the offsets added. Decode steps pass through untouched.
+  * for a mid replay (`inject_layer` m > 0) the offsets belong to the input of
+    layer m: a pre-hook there adds them, in the same prefill.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ReplayHandle:
         self._visual_calls: List = []
         self._extras = None  # between-layer extras of the running forward (Qwen3-VL deepstack)
         self._plan: Optional[DirectPlan] = None  # direct mode: substitutions of the running prefill
+        self._pending = None  # mid replay: (visual mask, offsets) for the input of layer inject_layer
         self._handles = []
         self._install()
         if base is None and targets is None and fixed_result is None:
@@ -79,6 +82,9 @@ class ReplayHandle:
                 self._handles.append(extras)
             layers = self.adapter.decoder_layers()
             self._handles.append(layers[0].register_forward_pre_hook(self._on_layer0, with_kwargs=True))
+            if self._inject_layer() > 0:
+                self._handles.append(layers[self._inject_layer()].register_forward_pre_hook(
+                    self._on_inject_layer, with_kwargs=True))
             if self.config.mode == "direct":  # substitution reaches layers 1 .. L-1 too
                 for l in range(1, self.config.layers):
                     hook = (lambda l: lambda mod, args, kwargs: self._on_direct_layer(l, args, kwargs))(l)
@@ -96,6 +102,7 @@ class ReplayHandle:
         self._visual_calls = []
         self._extras = None
         self._plan = None
+        self._pending = None
 
     def reset(self) -> None:
         """Forget per-conversation state (the pending call, recorded vision inputs, `last`)."""
@@ -103,6 +110,7 @@ class ReplayHandle:
         self._visual_calls = []
         self._extras = None
         self._plan = None
+        self._pending = None
         self.last = None
 
     def set_targets(self, targets: Optional[ReplayTargets]) -> None:
@@ -161,7 +169,7 @@ class ReplayHandle:
         visual = self.adapter.visual_mask(ids)
 
         if self._fixed is not None:
-            new = add_offsets(hidden, visual, self._fixed.flat_deltas())
+            return self._offset(args, kwargs, hidden, visual, self._fixed.flat_deltas())
         elif self.config.mode == "direct":
             new = self._plan_direct(call, visual_calls, hidden, kwargs, ids, visual, extras)
             if new is None:
@@ -181,11 +189,27 @@ class ReplayHandle:
             self.last = result
             log.info("actreplay: replayed %d visual tokens, loss %.4g -> %.4g",
                      sum(result.n_visual), result.losses[0], result.losses[-1])
-            new = add_offsets(hidden, visual, result.flat_deltas())
-        if args:
-            return (new,) + tuple(args[1:]), kwargs
-        kwargs = dict(kwargs, hidden_states=new)
-        return args, kwargs
+            return self._offset(args, kwargs, hidden, visual, result.flat_deltas())
+        return _with_hidden(args, kwargs, new)
+
+    def _inject_layer(self) -> int:
+        if self._fixed is not None:
+            return self._fixed.inject_layer
+        return self.config.inject_layer if self.config.mode == "tokens" else 0
+
+    def _offset(self, args, kwargs, hidden, visual, deltas):
+        """Add the offsets to this layer-0 input, or keep them for layer inject_layer's."""
+        if self._inject_layer() > 0:
+            self._pending = (visual, deltas)
+            return None
+        return _with_hidden(args, kwargs, add_offsets(hidden, visual, deltas))
+
+    def _on_inject_layer(self, module, args, kwargs):
+        if self._pending is None or in_internal_forward():
+            return None
+        (visual, deltas), self._pending = self._pending, None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return _with_hidden(args, kwargs, add_offsets(hidden, visual, deltas))
 
     def _plan_direct(self, call, visual_calls, hidden, kwargs, ids, visual, extras):
         if self.base_adapter is None:
@@ -205,9 +229,8 @@ class ReplayHandle:
             return None
         if layer == self.config.layers - 1:
             self._plan = None
-        if args:
-            return (substitute(args[0], plan, layer),) + tuple(args[1:]), kwargs
-        return args, dict(kwargs, hidden_states=substitute(kwargs["hidden_states"], plan, layer))
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return _with_hidden(args, kwargs, substitute(hidden, plan, layer))
 
     # -------------------------------------------------------------- targets
     def _targets_for(self, call: Dict, visual_calls: List) -> Optional[ReplayTargets]:
@@ -223,6 +246,13 @@ class ReplayHandle:
 
     def _base_device(self):
         return getattr(self.base, "device", None) or next(self.base.parameters()).device
+
+
+def _with_hidden(args, kwargs, hidden):
+    """A pre-hook's return value that replaces the layer's hidden-state input."""
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
 
 
 def patch(model: torch.nn.Module, base: Optional[torch.nn.Module] = None, config: Optional[ReplayConfig] = None,

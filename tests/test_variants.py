@@ -140,3 +140,47 @@ def test_direct_refuses_different_prompts():
     pre_b = capture_prefill(b, tiny.make_inputs(base, seed=2))
     with pytest.raises(ValueError, match="given different prompts"):
         plan_direct(a, pre_r, b, pre_b, ar.ReplayConfig(mode="direct", thresholds=[1.0]))
+
+
+def test_mid_replay_offsets_go_to_the_input_of_the_inject_layer(pair):
+    """patch() and apply() add mid-replay offsets where they were learned: at
+    the input of layer inject_layer, not of layer 0."""
+    base, rlvr = pair
+    inputs = tiny.make_inputs(base, images=[(8, 8)])
+    cfg = ar.ReplayConfig(layers=3, lr=0.05, steps=5, inject_layer=2)
+    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    assert result.inject_layer == 2 and float(result.deltas.abs().max()) > 0
+    visual = (inputs["input_ids"] == tiny.IMAGE_TOKEN_ID)[0]
+    layers = rlvr.model.language_model.layers
+    seen = []
+
+    def logits_with_offsets_at(layer):
+        def add(mod, args, kwargs):
+            h = args[0].clone()
+            h[0, visual] += result.deltas.to(h.dtype)
+            return (h,) + args[1:], kwargs
+
+        hook = layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                return rlvr(**inputs).logits
+        finally:
+            hook.remove()
+
+    at_layer2, at_layer0 = logits_with_offsets_at(2), logits_with_offsets_at(0)
+    assert not torch.allclose(at_layer2, at_layer0)  # where the offsets go matters
+    with torch.no_grad():
+        with ar.apply(rlvr, result):
+            applied = rlvr(**inputs).logits
+        with ar.patch(rlvr, base=base, config=cfg) as handle:
+            patched = rlvr(**inputs).logits
+            seen.append(handle.last)
+    torch.testing.assert_close(applied, at_layer2, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0].deltas, result.deltas, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(patched, at_layer2, rtol=1e-5, atol=1e-5)
+    # generation: the prefill only, then decode steps through the KV cache
+    with ar.patch(rlvr, base=base, config=cfg):
+        out = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with ar.apply(rlvr, result):
+        again = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, again)
