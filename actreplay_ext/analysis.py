@@ -167,37 +167,36 @@ def plot(analysis: Analysis, out_dir: str, title: str = "") -> List[str]:
     layers = sorted({r["layer"] for r in deciles})
     cmap = plt.get_cmap("viridis")
     colour = {l: cmap(i / max(len(layers) - 1, 1)) for i, l in enumerate(layers)}
-    legend = dict(fontsize="small", ncol=2 if len(layers) > 8 else 1, title="layer")
+    legend = dict(fontsize="small", ncol=2 if len(layers) > 8 else 1, title="layer", loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))  # outside the axes: never over a curve
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    def save(fig, ax, name, xlabel, ylabel, title):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(**legend)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for l in layers:
         rows = [r for r in deciles if r["layer"] == l]
         ax.plot([r["bucket"] for r in rows], [r["mean_kl"] for r in rows], marker="o", ms=3, color=colour[l],
                 label=str(l))
-    ax.set_xlabel("base logit-lens entropy decile (1 = most certain)")
-    ax.set_ylabel("mean KL(base ‖ RLVR) of the logit lens (nats)")
     ax.set_xticks(range(1, 11))
-    ax.set_title(title or f"KL by base entropy, visual tokens of {analysis.prompts} prompt(s)")
-    ax.legend(**legend)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "kl_by_entropy_decile.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "kl_by_entropy_decile.png", "base logit-lens entropy decile (1 = most certain)",
+         "mean KL(base ‖ RLVR) of the logit lens (nats)",
+         title or f"KL by base entropy, visual tokens of {analysis.prompts} prompt(s)")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for l in layers:
         rows = [r for r in hist if r["layer"] == l]
         ax.plot([(r["bin_lo"] + r["bin_hi"]) / 2 for r in rows], [r["count"] for r in rows],
                 drawstyle="steps-mid", color=colour[l], label=str(l))
-    ax.set_xlabel("base logit-lens entropy (nats)")
-    ax.set_ylabel("visual tokens")
-    ax.set_title(f"Base entropy of the visual tokens, {analysis.prompts} prompt(s)")
-    ax.legend(**legend)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "entropy_histogram.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save(fig, ax, "entropy_histogram.png", "base logit-lens entropy (nats)", "visual tokens",
+         f"Base entropy of the visual tokens, {analysis.prompts} prompt(s)")
     return paths

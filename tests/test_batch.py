@@ -6,6 +6,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
+from conftest import LayerBatchSizes
 
 LR = 1e-3
 
@@ -70,15 +71,10 @@ def test_pass_at_k_sampling_optimises_once(pair):
     base, rlvr = pair
     inputs = tiny.make_inputs(rlvr, images=[(8, 8)])
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=4)
-    batch_sizes = []
-    hook = rlvr.model.language_model.layers[1].register_forward_hook(
-        lambda mod, args, out: batch_sizes.append(args[0].shape[0]))
-    try:
-        with ar.patch(rlvr, base=base, config=cfg) as handle:
-            torch.manual_seed(0)
-            out = rlvr.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=4)
-    finally:
-        hook.remove()
+    with LayerBatchSizes(rlvr.model.language_model.layers[1]) as calls, ar.patch(rlvr, base=base, config=cfg) as handle:
+        torch.manual_seed(0)
+        out = rlvr.generate(**inputs, max_new_tokens=4, do_sample=True, num_return_sequences=4)
+    batch_sizes = calls.sizes
     assert out.shape[0] == 4
     assert handle.last.optimized_rows == 1 and len(handle.last.deltas) == 4
     # The replay loop ran layer 1 once per step on one row; generate ran it on 4.

@@ -9,6 +9,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
+from conftest import assert_matches_published
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 LR = 1e-3  # the tiny sharpened lens: the loss falls smoothly at this rate
@@ -25,10 +26,6 @@ def prompt(model, **kw):
     return tiny.make_inputs(model, **kw)
 
 
-def rel_max(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 # ---------------------------------------------------------------- parity
 
 
@@ -41,15 +38,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     result = ar.optimize(rlvr, inputs, targets, cfg)
     pub = reference.published_replay(rlvr, base, inputs, cfg)
 
-    n_vis = 16 + 6 + 8
-    assert result.deltas.shape == (n_vis, 64) and result.deltas.dtype == torch.float32
-    assert result.selected == pub["selected"]
-    assert 0 < sum(result.selected) < 3 * n_vis  # the rule picks real subsets
-    assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
-    assert float(result.deltas.abs().max()) > 0
-    for ours, theirs in zip(result.losses, pub["losses"]):
-        assert abs(ours - theirs) <= 1e-5 * abs(theirs)
-    assert len(result.losses) == 15
+    assert_matches_published(result, pub, n_visual=16 + 6 + 8, hidden=64, steps=15)
     assert result.losses[-1] < 0.8 * result.losses[0]  # the loss falls
     assert all(b <= a * (1 + 1e-6) for a, b in zip(result.losses, result.losses[1:]))  # smoothly
 

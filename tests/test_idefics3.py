@@ -10,6 +10,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.idefics3 import Idefics3Adapter
 from actreplay_ext.prefill import capture_prefill
+from conftest import assert_matches_published
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,10 +73,6 @@ def make_inputs(n_images=2, text_len=12, seed=0):
             "pixel_values": torch.randn(1, n_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)}
 
 
-def rel_max(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def hooks_of(model):
     mods = [model, model.model.vision_model, *model.model.text_model.layers]
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
@@ -101,16 +98,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
     pub = reference.published_replay(rlvr, base, inputs, cfg)
 
-    n_vis = 2 * TOKENS_PER_IMAGE
-    assert result.deltas.shape == (n_vis, 64) and result.deltas.dtype == torch.float32
-    assert result.selected == pub["selected"]
-    assert 0 < sum(result.selected) < 3 * n_vis  # the rule picks real subsets
-    assert float(result.deltas.abs().max()) > 0
-    assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
-    assert len(result.losses) == len(pub["losses"]) == 15
-    for ours, theirs in zip(result.losses, pub["losses"]):
-        assert abs(ours - theirs) <= 1e-5 * abs(theirs)
-    assert result.losses[-1] < result.losses[0]  # the loss falls
+    assert_matches_published(result, pub, n_visual=2 * TOKENS_PER_IMAGE, hidden=64, steps=15)
 
 
 def greedy_scores(model, inputs, n=3):

@@ -14,6 +14,7 @@ from actreplay_ext import reference, tiny
 from actreplay_ext.engine import _run_layers
 from actreplay_ext.prefill import capture_prefill, distinct_rows, prefix_extras, prefix_layer_kwargs
 from actreplay_ext.qwen3_vl import Deepstack, Qwen3VLAdapter
+from conftest import LayerBatchSizes, assert_matches_published, rel_max
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
@@ -88,10 +89,6 @@ def make_inputs(model, images=IMAGES, video=None, text_len=8, seed=0):
 
 def n_tokens(images=IMAGES):
     return sum(h * w // MERGE**2 for h, w in images)
-
-
-def rel_max(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def hooks_of(model):
@@ -213,16 +210,8 @@ def test_optimize_matches_published_loop(pair, alignment):
     result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
     pub = reference.published_replay(rlvr, base, inputs, cfg)
 
-    n_vis = n_tokens()
-    assert result.deltas.shape == (n_vis, 64) and result.deltas.dtype == torch.float32
-    assert result.selected == pub["selected"]
-    assert all(0 < s < n_vis for s in result.selected)  # the rule picks real subsets
-    assert float(result.deltas.abs().max()) > 0
-    assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
-    assert len(result.losses) == len(pub["losses"]) == 12
-    for ours, theirs in zip(result.losses, pub["losses"]):
-        assert abs(ours - theirs) <= 1e-5 * abs(theirs)
-    assert result.losses[-1] < result.losses[0]  # the loss falls
+    assert_matches_published(result, pub, n_visual=n_tokens(), hidden=64, steps=12)
+    assert all(0 < s < n_tokens() for s in result.selected)  # a real subset at every layer
 
 
 def test_image_and_video_match_published_loop(pair):
@@ -340,15 +329,10 @@ def test_pass_at_k_sampling_optimises_once(pair):
     base, rlvr = pair
     inputs = make_inputs(base, images=[(8, 8)])
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=4)
-    batch_sizes = []
-    hook = rlvr.model.language_model.layers[1].register_forward_hook(
-        lambda mod, args, out: batch_sizes.append(args[0].shape[0]))
-    try:
-        with ar.patch(rlvr, base=base, config=cfg) as handle:
-            torch.manual_seed(0)
-            out = rlvr.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2)
-    finally:
-        hook.remove()
+    with LayerBatchSizes(rlvr.model.language_model.layers[1]) as calls, ar.patch(rlvr, base=base, config=cfg) as handle:
+        torch.manual_seed(0)
+        out = rlvr.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    batch_sizes = calls.sizes
     last = handle.last
     assert out.shape[0] == 2 and last.replayed and last.n_visual == [16, 16]
     assert last.optimized_rows == 1 and len(last.deltas) == 2 and torch.equal(last.deltas[0], last.deltas[1])
