@@ -108,8 +108,18 @@ class Idefics3Adapter(ModelAdapter):
         pixels = args[0] if args else kw["pixel_values"]
         patch_mask = kw.get("patch_attention_mask", args[1] if len(args) > 1 else None)
         prompt["pixel_values"], prompt["pixel_attention_mask"] = self._rows_of_images(
-            prompt["input_ids"], list(pooled), pixels, patch_mask)
+            prompt["input_ids"], self._per_image(pooled), pixels, patch_mask)
         return prompt
+
+    def _per_image(self, pooled) -> List[torch.Tensor]:
+        """The encoded features as one [image_seq_len, D] entry per image, in row
+        order. transformers 5.18 stacks them ([n_images, seq, D]); 5.24 gives a
+        list with one [n_images_of_row * seq, D] tensor per prompt row."""
+        seq = self.image_tokens()
+        entries: List[torch.Tensor] = []
+        for item in (pooled if isinstance(pooled, (list, tuple)) else [pooled]):
+            entries += list(item) if item.dim() == 3 else list(item.split(seq, 0))
+        return entries
 
     def _rows_of_images(self, input_ids, entries, pixels, patch_mask):
         """`pixel_values` [rows, N, 3, H, W] and `pixel_attention_mask` [rows, N, H, W]
