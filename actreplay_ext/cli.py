@@ -70,6 +70,9 @@ def _config(args):
     import actreplay_ext as ar
 
     overrides = {k: getattr(args, k) for k in ("layers", "lr", "steps") if getattr(args, k) is not None}
+    thresholds = ar.PRESETS[args.preset].get("thresholds")
+    if thresholds is not None and "layers" in overrides:  # direct presets: one threshold per layer
+        overrides["thresholds"] = list(thresholds)[:overrides["layers"]]
     return ar.ReplayConfig.preset(args.preset, **overrides)
 
 
@@ -241,7 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--video", metavar="FILE|DIR", help="a video file (needs PyAV or torchcodec) or a directory of frames")
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--preset", default="mm-eureka-7b", choices=sorted(PRESETS), help="replay configuration")
-    p.add_argument("--layers", type=int, help="override the preset's replay layers")
+    p.add_argument("--layers", type=int, help="override the preset's replay layers (direct presets: the first N "
+                                             "thresholds)")
     p.add_argument("--lr", type=float, help="override the preset's step size")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
     p.add_argument("--save-targets", metavar="F", help="save the base model's targets (safetensors) for reuse")

@@ -146,3 +146,22 @@ def test_bad_input_is_one_line_not_a_traceback(checkpoints, capsys):
     assert last.startswith("actreplay run: error: ") and "layers = 9" in last and "4 decoder layers" in last
     assert cli.main(["--quiet", "run", "--base", base, "--rlvr", str(images[0]) + ".missing", "--prompt", "hi"]) == 2
     assert "actreplay run: error:" in capsys.readouterr().err
+
+
+def test_run_direct_preset_substitutes_like_patch(checkpoints, capsys):
+    """--preset deepeyes-7b (direct substitution) with --layers 3 uses the first
+    three published thresholds and answers as patch() does."""
+    base, rlvr, images = checkpoints
+    out = run_output(capsys, "--base", base, "--rlvr", rlvr, "--image", *images, "--prompt", "what is 3 + 4 ?",
+                     "--preset", "deepeyes-7b", "--layers", "3", "--max-new-tokens", "6")
+    assert "direct substitution at layers 0..2" in out
+    model, processor = data.load_model(rlvr, "float32", None, "sdpa"), data.load_processor(rlvr)
+    inputs = data.encode(processor, data.Row("x", "what is 3 + 4 ?", images=images))
+    cfg = ar.ReplayConfig.preset("deepeyes-7b", layers=3, thresholds=list(ar.config.DIRECT_THRESHOLDS[:3]))
+    with ar.patch(model, base=data.load_model(base, "float32", None, "sdpa"), config=cfg) as handle:
+        replayed = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert sum(handle.last.selected) > 0  # something was substituted
+    assert answers(out)[1] == data.decode_new(processor, replayed, inputs["input_ids"].shape[1])[0]
+    with pytest.raises(SystemExit, match="substitutes base activations directly"):
+        cli.main(["--quiet", "run", "--rlvr", rlvr, "--targets", "t.safetensors", "--prompt", "hi",
+                  "--preset", "deepeyes-7b", "--layers", "3"])
