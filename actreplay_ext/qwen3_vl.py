@@ -129,7 +129,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: Qwen2.5-VL's layout plus the deepstack features the text
     model adds after its first decoder layers."""
 
-    model_classes = ("Qwen3VLForConditionalGeneration",)
+    model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
     def extras_module(self):
         return self.text_model()
