@@ -119,15 +119,25 @@ def encode(processor, row: Row, device=None) -> Dict[str, torch.Tensor]:
 def load_model(path: str, dtype: str = "bfloat16", device_map: Optional[str] = "auto", attn: str = "sdpa"):
     """A checkpoint from a local path (or a hub id where the network allows),
     in eval mode. `device_map="auto"` spreads it over the GPUs (needs accelerate);
+    {"": device} puts it on one device (with accelerate when it is installed);
     None keeps it on the CPU."""
     from transformers import AutoModelForImageTextToText
 
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
         raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32), got {dtype!r}")
     kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
+    move_to = None
     if device_map is not None:
-        kw["device_map"] = device_map
-    return AutoModelForImageTextToText.from_pretrained(path, **kw).eval()
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is not None:
+            kw["device_map"] = device_map
+        elif isinstance(device_map, dict) and set(device_map) == {""}:
+            move_to = device_map[""]  # one device: no accelerate needed
+        else:
+            raise ValueError(f"device_map={device_map!r} needs accelerate (pip install accelerate)")
+    model = AutoModelForImageTextToText.from_pretrained(path, **kw).eval()
+    return model.to(move_to) if move_to is not None else model
 
 
 def load_processor(path: str):

@@ -165,3 +165,34 @@ def test_run_direct_preset_substitutes_like_patch(checkpoints, capsys):
     with pytest.raises(SystemExit, match="substitutes base activations directly"):
         cli.main(["--quiet", "run", "--rlvr", rlvr, "--targets", "t.safetensors", "--prompt", "hi",
                   "--preset", "deepeyes-7b", "--layers", "3"])
+
+
+def test_run_with_a_video_directory(checkpoints, tmp_path, capsys):
+    """--video takes a directory of frames (sorted by name)."""
+    from PIL import Image
+
+    base, rlvr, images = checkpoints
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.open(images[1]).rotate(90 * i).save(frames / f"{i:03d}.png")
+    out = run_output(capsys, "--base", base, "--rlvr", rlvr, "--video", str(frames), "--prompt",
+                     "how many frames are in this video ?", *RUN_ARGS)
+    # 4 frames of 56 x 56: 2 temporal patches x 4 x 4 patches / 2 x 2 merge = 8 visual tokens
+    assert "visual tokens: 8;" in out
+
+
+def test_analyze_on_checkpoints_and_a_jsonl(checkpoints, tmp_path, capsys):
+    base, rlvr, images = checkpoints
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(json.dumps({"question": "what is 1 + 2 ?", "images": images}) + "\n"
+                    + json.dumps({"question": "no image here"}) + "\n")
+    out_dir = tmp_path / "analysis"
+    assert cli.main(["--quiet", "analyze", "--base", base, "--rlvr", rlvr, "--data", str(rows), "--out",
+                     str(out_dir), "--layers", "2"]) == 0
+    import csv
+
+    with open(out_dir / "kl_by_entropy_decile.csv") as f:
+        table = list(csv.DictReader(f))
+    assert sorted({int(r["layer"]) for r in table}) == [0, 1]
+    assert sum(int(r["tokens"]) for r in table if r["layer"] == "0") == 6 + 4  # the text-only row is skipped

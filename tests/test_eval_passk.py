@@ -75,3 +75,28 @@ def test_resume_skips_finished_rows_and_redoes_the_rest(two_ranks, tmp_path):
     before = (resumed / "records.rank0.jsonl").read_text()
     run(["--out", str(resumed)])
     assert (resumed / "records.rank0.jsonl").read_text() == before  # nothing left to do
+
+
+def test_checkpoints_and_a_jsonl_in_one_process(tmp_path):
+    """The non-demo path: checkpoints loaded from disk, rows from a JSONL file,
+    an explicit verifier and k."""
+    from PIL import Image
+
+    from actreplay_ext import tiny
+
+    base, rlvr = tiny.save_pair(str(tmp_path / "ckpt"))
+    Image.new("RGB", (56, 84), (200, 30, 30)).save(tmp_path / "red.png")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "question": "what is 2 + 2 ?", "image": "red.png", "answer": "4"},
+        {"id": "b", "question": "which option ?", "image": "red.png", "choices": ["1", "2"], "answer": "A"},
+    ]) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--base", base, "--rlvr", rlvr, "--data", str(rows),
+                           "--out", str(out), "--n", "3", "--k", "1", "2", "--max-new-tokens", "4",
+                           "--layers", "3", "--lr", "0.005", "--steps", "3", "--dtype", "float32", "--quiet"],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["rows"] == 2 and result["k"] == [1, 2] and set(result["per_row"]) == {"a", "b"}
+    assert "| mode | Pass@1 | Pass@2 |" in proc.stdout
