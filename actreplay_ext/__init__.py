@@ -13,6 +13,7 @@ except ModuleNotFoundError as e:  # pragma: no cover - a source tree without the
 from . import ops, reference  # noqa: E402
 from .adapters import get_adapter, register_adapter, supported_families
 from . import llava  # noqa: E402,F401  (registers LlavaAdapter)
+from . import llava_onevision  # noqa: E402,F401  (registers LlavaOnevisionAdapter)
 from . import idefics3  # noqa: E402,F401  (registers Idefics3Adapter: Idefics3, SmolVLM)
 from . import qwen3_vl  # noqa: E402,F401  (registers Qwen3VLAdapter)
 from .config import PRESETS, ReplayConfig
