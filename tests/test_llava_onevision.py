@@ -19,7 +19,9 @@ PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 # (H, W) -> tiles, tokens. (16, 64): pinpoint 32x64 (2 tiles + base), 4 x 8 grid cut to 2 x 8 rows,
 # 16 + 2 * (8 + 1) = 34. (64, 40): pinpoint 64x64 (4 tiles + base), 8 x 8 grid cut to 8 x 6, shrunk
 # (anyres_max_1) to 4 x 3: 16 + 4 * (3 + 1) = 32.
-IMAGES = {(16, 64): (3, 34), (64, 40): (5, 32)}
+# (48, 32): pinpoint 64x32 (2 tiles + base), 8 x 4 grid cut to 6 x 4, shrunk to 4 x 3: also 32 tokens, so
+# from its features alone it could be either tiling (3 or 5 tiles).
+IMAGES = {(16, 64): (3, 34), (64, 40): (5, 32), (48, 32): (3, 32)}
 MAX_TILES = 5
 LR = 1e-3
 SHARPEN = 45.0
@@ -117,7 +119,7 @@ def test_adapter_locates_the_parts(pair):
 def test_token_counts_match_the_model(pair):
     base, _ = pair
     ad = ar.get_adapter(base)
-    sizes = [[16, 64], [64, 40], [30, 60], [64, 64], [20, 20]]
+    sizes = [[16, 64], [64, 40], [30, 60], [64, 64], [20, 20], [48, 32]]
     pixels = torch.randn(len(sizes), MAX_TILES, 3, TILE, TILE)
     with torch.no_grad():
         out = base.model.get_image_features(pixels, torch.tensor(sizes))
@@ -126,7 +128,8 @@ def test_token_counts_match_the_model(pair):
                                               vision_feature_select_strategy="full")
     model_counts = [f.shape[0] for f in getattr(out, "pooler_output", out)]
     assert ad.image_token_counts(sizes) == model_counts
-    assert model_counts[:2] == [IMAGES[(16, 64)][1], IMAGES[(64, 40)][1]]
+    assert [model_counts[0], model_counts[1], model_counts[5]] == [IMAGES[(16, 64)][1], IMAGES[(64, 40)][1],
+                                                                    IMAGES[(48, 32)][1]]
     assert ad.image_token_counts(sizes[:2], batch_num_images=[2]) == [f.shape[0] for f in getattr(two, "pooler_output", two)] == [17, 17]
     video = getattr(video, "pooler_output", video)
     # 4.57 appends the video's newline in the forward, 5.x in get_video_features
@@ -234,3 +237,32 @@ def test_video_with_num_return_sequences(pair):
         last = handle.last
     assert last.replayed and last.optimized_rows == 1
     assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+
+
+def test_ambiguous_tilings_are_settled_by_value(pair):
+    """Images of 3 and 5 tiles whose features have the same 4 x 3 grid: the tile
+    count alone (8) allows 3 + 5 and 5 + 3; encoding the candidates settles it."""
+    base, rlvr = pair
+    ad = ar.get_adapter(rlvr)
+    assert sorted(n for n, _ in ad._sizes_for(4, 3)) == [3, 5]
+    inputs = make_inputs(sizes=((48, 32), (64, 40)))
+    cfg = ar.ReplayConfig(layers=2, lr=LR, steps=2)
+    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
+            ar.patch(rlvr, base=base, config=cfg) as handle:
+        rlvr.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert handle.last is not None and handle.last.replayed
+    assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+
+
+def test_precomputed_features_are_refused(pair):
+    """5.x: encoded images without the vision tower's recorded inputs cannot be
+    given to the base model; say so."""
+    _, rlvr = pair
+    ad = ar.get_adapter(rlvr)
+    inputs = make_inputs()
+    with torch.no_grad():
+        enc = rlvr.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    if not hasattr(enc, "pooler_output"):
+        pytest.skip("transformers 4.57 generate passes the pixels to the forward")
+    with pytest.raises(RuntimeError, match="pixel_values"):
+        ad.prompt_from_forward({"input_ids": inputs["input_ids"], "mm_encoder_outputs": {"image": enc}}, [])
