@@ -53,6 +53,19 @@ class ModelAdapter:
     def unembed(self) -> torch.Tensor:
         return self.model.lm_head.weight
 
+    def lens_norm_weight(self) -> torch.Tensor:
+        """The weight the logit lens's RMSNorm multiplies by: ``h * rsqrt(mean(h^2) + eps) * w``
+        (SPEC §2). Most families scale by the final norm's weight itself; Gemma's
+        RMSNorm scales by ``1 + weight`` and overrides this. Everything that reads
+        the lens (engine, direct mode, analysis, the parity oracle) takes it from here."""
+        return self.final_norm().weight
+
+    def scale_lens_norm(self, factor: float) -> None:
+        """Multiply the effective lens norm weight (`lens_norm_weight`) by `factor`,
+        in place: sharpens a random tiny model's lens (`tiny.finish`)."""
+        with torch.no_grad():
+            self.final_norm().weight.mul_(factor)
+
     def vision_tower(self) -> Optional[nn.Module]:
         return None
 

@@ -43,7 +43,7 @@ def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: b
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, T)  # the full prompt, without a cache
     extras = prefix_extras(pre, T)
     unembed = adapter.unembed().detach()
-    norm_w, eps = adapter.final_norm().weight.detach(), adapter.norm_eps()
+    norm_w, eps = adapter.lens_norm_weight().detach(), adapter.norm_eps()
     layers = adapter.decoder_layers()
     entropies, inputs = [], []
     h = pre.hidden0

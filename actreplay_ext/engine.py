@@ -160,7 +160,7 @@ def _model_info(adapter: ModelAdapter) -> Dict:
 
 
 def _lens_params(adapter: ModelAdapter):
-    return adapter.unembed().detach(), adapter.final_norm().weight.detach(), adapter.norm_eps()
+    return adapter.unembed().detach(), adapter.lens_norm_weight().detach(), adapter.norm_eps()
 
 
 # ---------------------------------------------------------------- the layers
