@@ -175,8 +175,12 @@ class ModelAdapter:
         """A module called in each forward before decoder layer 0 whose call
         carries per-prefill inputs that the model's layer loop adds to the
         residual stream between decoder layers (Qwen3-VL: the text model, with
-        its deepstack features). None (the default): the family adds nothing,
-        so the decoder layers alone reproduce the residual stream."""
+        its deepstack features), or whose call carries the keyword arguments
+        that differ between decoder layers (Gemma 3: the masks and rotary
+        tables of its sliding-window and full-attention layers; see
+        `prefill.LayerExtras.layer_kwargs`). None (the default): the family
+        adds nothing and every layer takes layer 0's keyword arguments, so the
+        decoder layers alone reproduce the residual stream."""
         return None
 
     def extras_from_call(self, args: tuple, kwargs: Dict):

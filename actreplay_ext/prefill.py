@@ -64,7 +64,19 @@ class LayerExtras:
     state have none (`Prefill.extras is None`), and this base class adds nothing.
 
     The residual stream leaving decoder layer l, h_out(l), is what
-    `after_layer(l, layer_output)` returns: the input of layer l + 1."""
+    `after_layer(l, layer_output)` returns: the input of layer l + 1.
+
+    The same record also carries what the model's layer loop passes to some
+    layers but not to layer 0: the loop captures layer 0's keyword arguments
+    only, and `layer_kwargs(l, kwargs)` turns them into layer l's (Gemma 3
+    gives its sliding-window and full-attention layers different masks and
+    rotary tables). The default: every layer gets layer 0's."""
+
+    def layer_kwargs(self, layer: int, kwargs: Dict) -> Dict:
+        """The keyword arguments of decoder layer `layer`, given layer 0's
+        (`kwargs`, already cut to the prefix the loop runs on; this record's
+        own tensors are cut by `prefix`). Not modified in place."""
+        return kwargs
 
     def after_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` [B, T, D], the return value of decoder layer `layer`, as the
@@ -87,7 +99,7 @@ class LayerExtras:
 @dataclasses.dataclass
 class Prefill:
     hidden0: torch.Tensor  # [B, T, D] input of decoder layer 0
-    layer_kwargs: Dict  # keyword arguments of the decoder layers in this forward
+    layer_kwargs: Dict  # keyword arguments of decoder layer 0 in this forward (others: extras.layer_kwargs)
     input_ids: torch.Tensor  # [B, T]
     visual: torch.Tensor  # [B, T] bool, visual placeholder positions
     attention_mask: Optional[torch.Tensor] = None  # [B, T] 1 = token, 0 = padding
