@@ -172,6 +172,11 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
                    seen.get("extras"))
 
 
+#: Rotary-table keywords of decoder layers: 4.57's Gemma 3 layers take a global
+#: and a local table and pick by their attention type.
+_ROTARY_KWARGS = ("position_embeddings", "position_embeddings_global", "position_embeddings_local")
+
+
 def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
     """The decoder-layer kwargs of a full prefill, cut to its first P positions,
     without a KV cache. Under causal attention positions < P see only positions
@@ -187,9 +192,10 @@ def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
     mask = out.get("attention_mask")
     if isinstance(mask, torch.Tensor):
         out["attention_mask"] = mask[..., :P, :P] if mask.dim() == 4 else mask[..., :P]
-    pe = out.get("position_embeddings")
-    if isinstance(pe, (tuple, list)):
-        out["position_embeddings"] = tuple(t[..., :P, :] for t in pe)
+    for key in _ROTARY_KWARGS:  # (cos, sin) rotary tables [..., T, d]
+        pe = out.get(key)
+        if isinstance(pe, (tuple, list)):
+            out[key] = tuple(t[..., :P, :] for t in pe)
     for key in ("position_ids", "cache_position"):
         if isinstance(out.get(key), torch.Tensor):
             out[key] = out[key][..., :P]
@@ -208,7 +214,7 @@ def _batch_dim(key: str, t: torch.Tensor) -> Optional[int]:
         return 0
     if key == "position_ids":
         return t.dim() - 2
-    if key == "position_embeddings":
+    if key in _ROTARY_KWARGS:
         return t.dim() - 3
     return None
 
