@@ -32,7 +32,7 @@ the rotary tables of its type, computed by the model's own
 
 The masks carry the bidirectional attention among the tokens of one image
 when the prompt has ``token_type_ids`` (1 at image tokens), as the processor
-returns them: 5.18 ``create_masks_for_vision_model`` (lines 715-767), 4.57.6
+returns them: 5.18 ``create_masks_for_vision_model`` (lines 709-767), 4.57.6
 ``token_type_ids_mask_function`` (lines 729-761, 935-950). Without them the
 model attends causally and so does the replay. The prefix the loop runs on
 ends at the last visual token, so every image's block is inside it, and a
@@ -49,7 +49,7 @@ where HF multiplies by the float32 sum. The parity oracle reads the same
 weight.
 
 **No logit softcapping in the lens.** ``Gemma3ForConditionalGeneration``
-applies none at its ``lm_head`` (5.18 line 1028; 4.57.6 line 1119);
+applies none at its ``lm_head`` (5.18 line 1028; 4.57.6 line 1120);
 ``final_logit_softcapping`` is applied only by the text-only
 ``Gemma3ForCausalLM`` (5.18 lines 644-647; 4.57.6 lines 675-678). The logit
 lens is the method's: final norm + unembedding (SPEC §2).
@@ -89,8 +89,7 @@ class LayerTypeKwargs(LayerExtras):
         return {**kwargs, **self.per_type[self.types[layer]]}
 
     def prefix(self, P: int) -> "LayerTypeKwargs":
-        return LayerTypeKwargs(self.types, {t: {k: prefix_layer_kwargs(kw, P)[k] for k in kw}
-                                            for t, kw in self.per_type.items()})
+        return LayerTypeKwargs(self.types, {t: prefix_layer_kwargs(kw, P) for t, kw in self.per_type.items()})
 
     def _tensors(self):
         for t, kw in self.per_type.items():
