@@ -16,6 +16,7 @@ from . import llava  # noqa: E402,F401  (registers LlavaAdapter)
 from . import llava_onevision  # noqa: E402,F401  (registers LlavaOnevisionAdapter)
 from . import idefics3  # noqa: E402,F401  (registers Idefics3Adapter: Idefics3, SmolVLM)
 from . import qwen3_vl  # noqa: E402,F401  (registers Qwen3VLAdapter)
+from . import gemma3  # noqa: E402,F401  (registers Gemma3Adapter)
 from .config import PRESETS, ReplayConfig
 from .engine import ReplayResult, ReplayTargets, apply, compute_targets, optimize
 from .patch import ReplayHandle, patch

@@ -53,6 +53,19 @@ class ModelAdapter:
     def unembed(self) -> torch.Tensor:
         return self.model.lm_head.weight
 
+    def lens_norm_weight(self) -> torch.Tensor:
+        """The weight the logit lens's RMSNorm multiplies by: ``h * rsqrt(mean(h^2) + eps) * w``
+        (SPEC §2). Most families scale by the final norm's weight itself; Gemma's
+        RMSNorm scales by ``1 + weight`` and overrides this. Everything that reads
+        the lens (engine, direct mode, analysis, the parity oracle) takes it from here."""
+        return self.final_norm().weight
+
+    def scale_lens_norm(self, factor: float) -> None:
+        """Multiply the effective lens norm weight (`lens_norm_weight`) by `factor`,
+        in place: sharpens a random tiny model's lens (`tiny.finish`)."""
+        with torch.no_grad():
+            self.final_norm().weight.mul_(factor)
+
     def vision_tower(self) -> Optional[nn.Module]:
         return None
 
@@ -162,8 +175,12 @@ class ModelAdapter:
         """A module called in each forward before decoder layer 0 whose call
         carries per-prefill inputs that the model's layer loop adds to the
         residual stream between decoder layers (Qwen3-VL: the text model, with
-        its deepstack features). None (the default): the family adds nothing,
-        so the decoder layers alone reproduce the residual stream."""
+        its deepstack features), or whose call carries the keyword arguments
+        that differ between decoder layers (Gemma 3: the masks and rotary
+        tables of its sliding-window and full-attention layers; see
+        `prefill.LayerExtras.layer_kwargs`). None (the default): the family
+        adds nothing and every layer takes layer 0's keyword arguments, so the
+        decoder layers alone reproduce the residual stream."""
         return None
 
     def extras_from_call(self, args: tuple, kwargs: Dict):

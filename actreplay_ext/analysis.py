@@ -68,8 +68,8 @@ def lens_kl(base, rlvr, inputs: Dict, layers: Optional[int] = None) -> List[Dict
     rlvr_out = _visual_outputs(r_ad, inputs, L)
     if not base_out:
         return []
-    lens_b = (b_ad.unembed().detach(), b_ad.final_norm().weight.detach(), b_ad.norm_eps())
-    lens_r = (r_ad.unembed().detach(), r_ad.final_norm().weight.detach(), r_ad.norm_eps())
+    lens_b = (b_ad.unembed().detach(), b_ad.lens_norm_weight().detach(), b_ad.norm_eps())
+    lens_r = (r_ad.unembed().detach(), r_ad.lens_norm_weight().detach(), r_ad.norm_eps())
     stats = []
     with torch.no_grad():
         for hb, hr in zip(base_out, rlvr_out):

@@ -43,7 +43,7 @@ def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: b
     kwargs = prefix_layer_kwargs(pre.layer_kwargs, T)  # the full prompt, without a cache
     extras = prefix_extras(pre, T)
     unembed = adapter.unembed().detach()
-    norm_w, eps = adapter.final_norm().weight.detach(), adapter.norm_eps()
+    norm_w, eps = adapter.lens_norm_weight().detach(), adapter.norm_eps()
     layers = adapter.decoder_layers()
     entropies, inputs = [], []
     h = pre.hidden0
@@ -51,7 +51,8 @@ def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: b
         for l in range(L):
             if keep_inputs:
                 inputs.append(h)
-            h = layer_output(layers[l](h, **kwargs))
+            kw = kwargs if extras is None else extras.layer_kwargs(l, kwargs)
+            h = layer_output(layers[l](h, **kw))
             if extras is not None:  # the residual stream leaving layer l (SPEC §2)
                 h = extras.after_layer(l, h)
             rows = h.reshape(-1, h.shape[-1]).to(unembed.device).contiguous()

@@ -160,7 +160,7 @@ def _model_info(adapter: ModelAdapter) -> Dict:
 
 
 def _lens_params(adapter: ModelAdapter):
-    return adapter.unembed().detach(), adapter.final_norm().weight.detach(), adapter.norm_eps()
+    return adapter.unembed().detach(), adapter.lens_norm_weight().detach(), adapter.norm_eps()
 
 
 # ---------------------------------------------------------------- the layers
@@ -174,17 +174,21 @@ def _run_layers(adapter: ModelAdapter, hidden: torch.Tensor, kwargs: Dict, start
                 visit: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                 checkpoint: bool = False, extras: Optional[LayerExtras] = None) -> torch.Tensor:
     """Decoder layers start .. stop-1 on `hidden`; visit(l, h_in, h_out) after each.
+    Layer l gets `kwargs` (layer 0's) as `extras.layer_kwargs(l, kwargs)` makes
+    them its own (the default keeps them; Gemma 3 swaps in the mask and rotary
+    tables of the layer's attention type).
     h_out is the residual stream leaving layer l as the whole model has it: the
     layer's return value plus what the model adds between layers (`extras`,
     e.g. Qwen3-VL's deepstack features), i.e. the input of layer l + 1.
     With `checkpoint`, each layer's activations are recomputed in the backward."""
     layers = adapter.decoder_layers()
     for l in range(start, stop):
+        kw = kwargs if extras is None else extras.layer_kwargs(l, kwargs)  # e.g. Gemma 3's sliding/full layers
         if checkpoint and torch.is_grad_enabled():
-            run = lambda x, layer=layers[l]: layer_output(layer(x, **kwargs))  # noqa: E731
+            run = lambda x, layer=layers[l], kw=kw: layer_output(layer(x, **kw))  # noqa: E731
             out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
         else:
-            out = layer_output(layers[l](hidden, **kwargs))
+            out = layer_output(layers[l](hidden, **kw))
         if extras is not None:
             out = extras.after_layer(l, out)
         if visit is not None:

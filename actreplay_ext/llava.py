@@ -24,7 +24,7 @@ What `generate` passes to the top-level forward at prefill:
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -64,6 +64,10 @@ class LlavaAdapter(ModelAdapter):
         # Images are stood in for by a [n_images, 1] "grid" of ones (one pixel row each).
         return torch.full((grid_thw.shape[0],), self.image_tokens(), dtype=torch.long, device=grid_thw.device)
 
+    def encoded_order(self, encoded, n_images: int) -> Optional[List[int]]:
+        """Which recorded image each row of the encoded images is (`adapters.encoded_order`)."""
+        return encoded_order(encoded, n_images)
+
     def prompt_from_forward(self, kwargs: Dict, vision_calls: List) -> Dict:
         prompt = {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
         encoded = kwargs.get("mm_encoder_outputs") or {}
@@ -80,7 +84,7 @@ class LlavaAdapter(ModelAdapter):
             prompt["image_sizes"] = kw["image_sizes"]
             prompt["pixel_values"] = pixels
             return prompt
-        order = encoded_order(encoded["image"], pixels.shape[0])
+        order = self.encoded_order(encoded["image"], pixels.shape[0])
         if order is not None:
             prompt["pixel_values"] = pixels.index_select(0, torch.tensor(order, device=pixels.device))
             return prompt

@@ -64,7 +64,19 @@ class LayerExtras:
     state have none (`Prefill.extras is None`), and this base class adds nothing.
 
     The residual stream leaving decoder layer l, h_out(l), is what
-    `after_layer(l, layer_output)` returns: the input of layer l + 1."""
+    `after_layer(l, layer_output)` returns: the input of layer l + 1.
+
+    The same record also carries what the model's layer loop passes to some
+    layers but not to layer 0: the loop captures layer 0's keyword arguments
+    only, and `layer_kwargs(l, kwargs)` turns them into layer l's (Gemma 3
+    gives its sliding-window and full-attention layers different masks and
+    rotary tables). The default: every layer gets layer 0's."""
+
+    def layer_kwargs(self, layer: int, kwargs: Dict) -> Dict:
+        """The keyword arguments of decoder layer `layer`, given layer 0's
+        (`kwargs`, already cut to the prefix the loop runs on; this record's
+        own tensors are cut by `prefix`). Not modified in place."""
+        return kwargs
 
     def after_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden` [B, T, D], the return value of decoder layer `layer`, as the
@@ -87,7 +99,7 @@ class LayerExtras:
 @dataclasses.dataclass
 class Prefill:
     hidden0: torch.Tensor  # [B, T, D] input of decoder layer 0
-    layer_kwargs: Dict  # keyword arguments of the decoder layers in this forward
+    layer_kwargs: Dict  # keyword arguments of decoder layer 0 in this forward (others: extras.layer_kwargs)
     input_ids: torch.Tensor  # [B, T]
     visual: torch.Tensor  # [B, T] bool, visual placeholder positions
     attention_mask: Optional[torch.Tensor] = None  # [B, T] 1 = token, 0 = padding
@@ -160,6 +172,11 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
                    seen.get("extras"))
 
 
+#: Rotary-table keywords of decoder layers: 4.57's Gemma 3 layers take a global
+#: and a local table and pick by their attention type.
+_ROTARY_KWARGS = ("position_embeddings", "position_embeddings_global", "position_embeddings_local")
+
+
 def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
     """The decoder-layer kwargs of a full prefill, cut to its first P positions,
     without a KV cache. Under causal attention positions < P see only positions
@@ -175,9 +192,10 @@ def prefix_layer_kwargs(kwargs: Dict, P: int) -> Dict:
     mask = out.get("attention_mask")
     if isinstance(mask, torch.Tensor):
         out["attention_mask"] = mask[..., :P, :P] if mask.dim() == 4 else mask[..., :P]
-    pe = out.get("position_embeddings")
-    if isinstance(pe, (tuple, list)):
-        out["position_embeddings"] = tuple(t[..., :P, :] for t in pe)
+    for key in _ROTARY_KWARGS:  # (cos, sin) rotary tables [..., T, d]
+        pe = out.get(key)
+        if isinstance(pe, (tuple, list)):
+            out[key] = tuple(t[..., :P, :] for t in pe)
     for key in ("position_ids", "cache_position"):
         if isinstance(out.get(key), torch.Tensor):
             out[key] = out[key][..., :P]
@@ -196,7 +214,7 @@ def _batch_dim(key: str, t: torch.Tensor) -> Optional[int]:
         return 0
     if key == "position_ids":
         return t.dim() - 2
-    if key == "position_embeddings":
+    if key in _ROTARY_KWARGS:
         return t.dim() - 3
     return None
 

@@ -213,7 +213,7 @@ def published_replay(rlvr, base, inputs, config=None):
         for h in hooks:
             h.remove()
         b_ad.restore_state(state)
-    W_b, w_b, eps_b = b_ad.unembed(), b_ad.final_norm().weight, b_ad.norm_eps()
+    W_b, w_b, eps_b = b_ad.unembed(), b_ad.lens_norm_weight(), b_ad.norm_eps()
     entropies, targets = [], []
     with torch.no_grad():
         for l in range(L):
@@ -248,7 +248,7 @@ def published_replay(rlvr, base, inputs, config=None):
     for l in range(L):
         if l != m:
             hooks.append(layers[l].register_forward_pre_hook(lambda mod, a, l=l: acts.__setitem__(("in", l), a[0])))
-    W_r, w_r, eps_r = r_ad.unembed(), r_ad.final_norm().weight, r_ad.norm_eps()
+    W_r, w_r, eps_r = r_ad.unembed(), r_ad.lens_norm_weight(), r_ad.norm_eps()
     side = "in" if cfg.alignment == "published" else "out"
     losses = []
     state = r_ad.model_state()
@@ -312,7 +312,7 @@ def published_direct(rlvr, base, inputs, config):
         return ins, outs, logits
 
     def entropies(adapter, outs):
-        W, w, eps = adapter.unembed(), adapter.final_norm().weight, adapter.norm_eps()
+        W, w, eps = adapter.unembed(), adapter.lens_norm_weight(), adapter.norm_eps()
         res = []
         for l in range(L):
             logp = torch.log_softmax(lens_logits(outs[l][0], W, w, eps), -1)  # [T, V]

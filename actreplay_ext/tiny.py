@@ -70,13 +70,12 @@ def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, laye
 
 
 def finish(model, sharpen: float):
-    """Eval mode, a sharpened lens (final-norm weight x `sharpen`) and
+    """Eval mode, a sharpened lens (effective final-norm weight x `sharpen`) and
     fixed-length greedy generations, for any tiny HF VLM."""
     from .adapters import get_adapter
 
     model.eval()
-    with torch.no_grad():
-        get_adapter(model).final_norm().weight.mul_(sharpen)
+    get_adapter(model).scale_lens_norm(sharpen)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD_ID
     return model
