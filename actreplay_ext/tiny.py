@@ -69,6 +69,11 @@ def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, laye
     return finish(model, sharpen)
 
 
+def build(model_cls, config, sharpen: float, attn_implementation: str = "eager", dtype=torch.float32):
+    """A random model of `model_cls` from `config`, finished as below (any tiny HF VLM)."""
+    return finish(model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype), sharpen)
+
+
 def finish(model, sharpen: float):
     """Eval mode, a sharpened lens (effective final-norm weight x `sharpen`) and
     fixed-length greedy generations, for any tiny HF VLM."""

@@ -66,3 +66,13 @@ class LayerBatchSizes:
     def __exit__(self, *exc):
         self._hook.remove()
         return False
+
+
+def replay(base, rlvr, inputs, cfg):
+    """The engine's replay of one prompt: base targets, then the RLVR optimisation."""
+    return actreplay_ext.optimize(rlvr, inputs, actreplay_ext.compute_targets(base, inputs, cfg), cfg)
+
+
+def replay_and_published(base, rlvr, inputs, cfg):
+    """(the engine's replay, the published loop's) on the same prompt and configuration."""
+    return replay(base, rlvr, inputs, cfg), actreplay_ext.reference.published_replay(rlvr, base, inputs, cfg)

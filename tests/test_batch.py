@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import reference, tiny
-from conftest import LayerBatchSizes
+from actreplay_ext import tiny
+from conftest import LayerBatchSizes, replay, replay_and_published
 
 LR = 1e-3
 
@@ -36,7 +36,7 @@ def test_batch_equals_rows_one_by_one(pair):
     inputs = tiny.make_inputs(base, images=[(8, 8)], batch=3, left_pad=[0, 3, 0], seed=4)
     assert int((inputs["attention_mask"] == 0).sum()) == 3
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=8)
-    batch = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    batch = replay(base, rlvr, inputs, cfg)
     assert isinstance(batch.deltas, list) and len(batch.deltas) == 3 and batch.optimized_rows == 3
     total_loss = 0.0
     for b in range(3):
@@ -85,8 +85,7 @@ def test_sdpa_matches_the_published_loop():
     base, rlvr = tiny.make_pair("qwen2_vl", attn_implementation="sdpa")
     inputs = tiny.make_inputs(base, images=[(8, 8)], video=(2, 4, 4))
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=10)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert result.selected == pub["selected"]
     assert float((result.deltas - pub["deltas"]).abs().max() / pub["deltas"].abs().max()) <= 1e-4
 

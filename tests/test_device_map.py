@@ -5,6 +5,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
+from conftest import replay
 
 pytest.importorskip("accelerate")
 
@@ -13,7 +14,7 @@ def test_device_map_models(tmp_path):
     base, rlvr = tiny.make_pair("qwen2_vl")
     inputs = tiny.make_inputs(base, images=[(8, 8)])
     cfg = ar.ReplayConfig(layers=3, lr=1e-3, steps=4)
-    expected = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    expected = replay(base, rlvr, inputs, cfg)
 
     cls = tiny.model_class("qwen2_vl")
     loaded = []

@@ -9,7 +9,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from conftest import assert_matches_published
+from conftest import assert_matches_published, replay
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 LR = 1e-3  # the tiny sharpened lens: the loss falls smoothly at this rate
@@ -193,7 +193,7 @@ def test_patch_result_equals_optimize(pair):
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=4)
     with ar.patch(rlvr, base=base, config=cfg) as handle:
         rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert torch.allclose(handle.last.deltas, result.deltas, rtol=0, atol=1e-6)
     assert handle.last.losses == pytest.approx(result.losses, rel=1e-6)
 
@@ -252,7 +252,7 @@ def test_apply_adds_the_offsets(pair):
     _, base, rlvr = pair
     inputs = prompt(rlvr)
     cfg = ar.ReplayConfig(layers=3, lr=0.05, steps=3)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     with ar.patch(rlvr, base=base, config=cfg):
         with torch.no_grad():
             patched = rlvr(**inputs).logits
@@ -361,7 +361,7 @@ def test_non_finite_activations_raise_and_leave_the_model_unchanged():
     hooks = hooks_of(rlvr)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=3)
     with pytest.raises(FloatingPointError, match="at step 0: the RLVR model's layer 2 input is not finite"):
-        ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+        replay(base, rlvr, inputs, cfg)
     with pytest.raises(FloatingPointError, match="at step 0"):
         with ar.patch(rlvr, base=base, config=cfg):
             rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)

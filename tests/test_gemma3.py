@@ -13,7 +13,7 @@ from actreplay_ext import reference, tiny
 from actreplay_ext.engine import _run_layers
 from actreplay_ext.gemma3 import Gemma3Adapter, LayerTypeKwargs
 from actreplay_ext.prefill import capture_prefill, prefix_extras, prefix_layer_kwargs
-from conftest import LayerBatchSizes, assert_matches_published
+from conftest import assert_matches_published, LayerBatchSizes, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
@@ -172,8 +172,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     base, rlvr = pair
     inputs = make_inputs()
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15, alignment=alignment)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
 
     assert_matches_published(result, pub, n_visual=2 * TOKENS_PER_IMAGE, hidden=64, steps=15)
 
@@ -189,7 +188,7 @@ def test_patch_generate_equals_apply_optimize(pair, n_images):
         patched = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
         last = handle.last
     assert hooks_of(rlvr) == before  # no hooks remain
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert last is not None and last.replayed and sum(last.selected) > 0
     assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
     assert last.losses == pytest.approx(result.losses, rel=1e-6)
@@ -244,7 +243,7 @@ def test_pass_at_k_optimises_once(pair, n_images):
     for ours, theirs in zip(last.deltas, result.deltas):
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
     if distinct == 1:
-        single = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+        single = replay(base, rlvr, inputs, cfg)
         assert torch.allclose(last.deltas[1], single.deltas, rtol=0, atol=1e-6)
 
 
@@ -282,6 +281,6 @@ def test_bfloat16_model_replays(pair):
     inputs = make_inputs()
     inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=3)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert sum(result.selected) > 0 and all(map(math.isfinite, result.losses))
     assert float(result.deltas.abs().max()) > 0

@@ -10,7 +10,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.idefics3 import Idefics3Adapter
 from actreplay_ext.prefill import capture_prefill
-from conftest import assert_matches_published
+from conftest import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,8 +95,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     base, rlvr = pair
     inputs = make_inputs()
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15, alignment=alignment)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
 
     assert_matches_published(result, pub, n_visual=2 * TOKENS_PER_IMAGE, hidden=64, steps=15)
 
@@ -117,7 +116,7 @@ def test_patch_generate_equals_optimize(pair):
         seq_patch, scores_patch = greedy_scores(rlvr, inputs)
         last = handle.last
     assert hooks_of(rlvr) == before  # no hooks remain
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert last is not None and last.replayed
     assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
     assert last.losses == pytest.approx(result.losses, rel=1e-6)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import reference, tiny
+from actreplay_ext import tiny
 from actreplay_ext.llava import LlavaAdapter
-from conftest import assert_matches_published
+from conftest import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,9 +31,7 @@ def make_model(seed=0, sharpen=SHARPEN):
                          rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
                          bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
         image_token_index=IMAGE_TOKEN_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model = transformers.LlavaForConditionalGeneration._from_config(
-        cfg, attn_implementation="eager", dtype=torch.float32)
-    return tiny.finish(model, sharpen)
+    return tiny.build(transformers.LlavaForConditionalGeneration, cfg, sharpen)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +73,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     base, rlvr = pair
     inputs = make_inputs()
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15, alignment=alignment)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
 
     assert_matches_published(result, pub, n_visual=2 * TOKENS_PER_IMAGE, hidden=64, steps=15)
 
@@ -91,7 +88,7 @@ def test_patch_generate_equals_optimize(pair):
         rlvr.generate(**inputs, max_new_tokens=3, do_sample=False)
         last = handle.last
     assert hooks_of(rlvr) == before  # no hooks remain
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert last is not None and last.replayed
     assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
     assert last.losses == pytest.approx(result.losses, rel=1e-6)

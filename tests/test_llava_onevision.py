@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import reference, tiny
+from actreplay_ext import tiny
 from actreplay_ext.llava_onevision import LlavaOnevisionAdapter
-from conftest import LayerBatchSizes, assert_matches_published
+from conftest import assert_matches_published, LayerBatchSizes, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,9 +40,7 @@ def make_model(seed=0, sharpen=SHARPEN):
                          eos_token_id=EOS_ID, pad_token_id=PAD_ID),
         image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_1", image_token_index=IMAGE_TOKEN_ID,
         video_token_index=VIDEO_TOKEN_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model = transformers.LlavaOnevisionForConditionalGeneration._from_config(
-        cfg, attn_implementation="eager", dtype=torch.float32)
-    return tiny.finish(model, sharpen)
+    return tiny.build(transformers.LlavaOnevisionForConditionalGeneration, cfg, sharpen)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +141,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     base, rlvr = pair
     inputs = make_inputs()
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15, alignment=alignment)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
 
     assert_matches_published(result, pub, n_visual=n_visual(inputs), hidden=64, steps=15)
 
@@ -159,7 +156,7 @@ def test_patch_generate_equals_optimize(pair):
         patched = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
         last = handle.last
     assert hooks_of(rlvr) == before  # no hooks remain
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert last is not None and last.replayed
     assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
     assert last.losses == pytest.approx(result.losses, rel=1e-6)
@@ -215,8 +212,7 @@ def test_video_prompt(pair):
     base, rlvr = pair
     inputs = make_inputs(sizes=((64, 40),), frames=3)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=8)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert_matches_published(result, pub, n_visual=n_visual(inputs), hidden=64, steps=8)
     with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
             ar.patch(rlvr, base=base, config=cfg) as handle:

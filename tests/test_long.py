@@ -6,6 +6,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
+from conftest import replay
 
 
 def _kib(field):
@@ -19,7 +20,7 @@ def test_checkpointing_gives_the_same_offsets():
     results = []
     for flag in (False, True):
         cfg = ar.ReplayConfig(layers=3, lr=1e-3, steps=5, checkpoint=flag)
-        results.append(ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg))
+        results.append(replay(base, rlvr, inputs, cfg))
     assert torch.allclose(results[0].deltas, results[1].deltas, rtol=0, atol=1e-7)
     assert results[0].losses == pytest.approx(results[1].losses, rel=1e-6)
 

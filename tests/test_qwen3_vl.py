@@ -14,7 +14,7 @@ from actreplay_ext import reference, tiny
 from actreplay_ext.engine import _run_layers
 from actreplay_ext.prefill import capture_prefill, distinct_rows, prefix_extras, prefix_layer_kwargs
 from actreplay_ext.qwen3_vl import Deepstack, Qwen3VLAdapter
-from conftest import LayerBatchSizes, assert_matches_published, rel_max
+from conftest import assert_matches_published, LayerBatchSizes, rel_max, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
@@ -31,22 +31,24 @@ NOISE = 0.3  # enough drift that the matched-alignment loss is not a float32 can
 IMAGES = ((8, 8), (6, 8))  # patch grids: 16 + 12 visual tokens
 
 
-def make_model(seed=0, sharpen=SHARPEN):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3VLConfig(
+def config(config_cls, **text):
+    """A tiny Qwen3-VL(-MoE) config; `text` adds text-model fields (the MoE's experts)."""
+    return config_cls(
         text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                          rms_norm_eps=1e-6, rope_theta=10000.0,
                          rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
+                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **text),
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
                            patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
                            out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=DEEPSTACK_FROM),
         image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
         vision_end_token_id=END_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model = transformers.Qwen3VLForConditionalGeneration._from_config(
-        cfg, attn_implementation="eager", dtype=torch.float32)
-    return tiny.finish(model, sharpen)
+
+
+def make_model(seed=0, sharpen=SHARPEN):
+    torch.manual_seed(seed)
+    return tiny.build(transformers.Qwen3VLForConditionalGeneration, config(transformers.Qwen3VLConfig), sharpen)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +209,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     base, rlvr = pair
     inputs = make_inputs(base)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=12, alignment=alignment)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
 
     assert_matches_published(result, pub, n_visual=n_tokens(), hidden=64, steps=12)
     assert all(0 < s < n_tokens() for s in result.selected)  # a real subset at every layer
@@ -224,8 +225,7 @@ def test_image_and_video_match_published_loop(pair):
     ids = inputs["input_ids"]
     assert torch.equal(pre.extras.visual, (ids == IMAGE_ID) | (ids == VIDEO_ID)) and int(pre.visual.sum()) == 24
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=6)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert result.deltas.shape == (24, 64) and result.selected == pub["selected"]
     assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
     with ar.patch(rlvr, base=base, config=cfg) as handle:
@@ -264,8 +264,7 @@ def test_mid_replay_matches_published_loop(pair):
     base, rlvr = pair
     inputs = make_inputs(base)
     cfg = ar.ReplayConfig(layers=4, lr=LR, steps=5, inject_layer=2, alignment="matched")
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert result.selected == pub["selected"] and sum(result.selected) > 0
     assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
 
@@ -297,7 +296,7 @@ def test_patch_generate_equals_optimize(pair):
         last = handle.last
     assert hooks_of(rlvr) == before  # no hooks remain
     assert rlvr.model.rope_deltas is not None  # generate's own state, left as generate set it
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert last is not None and last.replayed and last.n_visual == [n_tokens()]
     assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
     assert last.losses == pytest.approx(result.losses, rel=1e-6)
@@ -314,7 +313,7 @@ def test_apply_changes_the_prefill_as_patch_does(pair):
     inputs = make_inputs(base)
     fwd = ar.get_adapter(rlvr).forward_inputs(inputs)
     cfg = ar.ReplayConfig(layers=3, lr=0.05, steps=3)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     with torch.no_grad():
         plain = rlvr(**fwd).logits
         with ar.patch(rlvr, base=base, config=cfg):
@@ -339,7 +338,7 @@ def test_pass_at_k_sampling_optimises_once(pair):
     # The replay loop ran layer 1 once per step on one row; generate ran it on 2.
     assert batch_sizes.count(1) == cfg.steps and set(batch_sizes) == {1, 2}
     # ... and gave the offsets of the prompt alone.
-    alone = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    alone = replay(base, rlvr, inputs, cfg)
     assert torch.allclose(last.deltas[0], alone.deltas, rtol=0, atol=1e-6)
 
 

@@ -7,35 +7,22 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import reference, tiny
+from actreplay_ext import tiny
 from actreplay_ext.qwen3_vl import Qwen3VLAdapter
-from conftest import assert_matches_published
+from conftest import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen3VLMoeForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen3-VL-MoE", allow_module_level=True)
 
-from test_qwen3_vl import (BOS_ID, DEEPSTACK_FROM, END_ID, EOS_ID, IMAGE_ID, LR, MERGE, NOISE, PAD_ID,  # noqa: E402
-                           PATCH, SHARPEN, START_ID, TEMPORAL, VIDEO_ID, make_inputs, n_tokens)
+from test_qwen3_vl import LR, NOISE, SHARPEN, config, make_inputs, n_tokens  # noqa: E402
 
 
 def make_model(seed=0, sharpen=SHARPEN):
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3VLMoeConfig(
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         rms_norm_eps=1e-6, rope_theta=10000.0,
-                         rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
-                           patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
-                           out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=DEEPSTACK_FROM),
-        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
-        vision_end_token_id=END_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model = transformers.Qwen3VLMoeForConditionalGeneration._from_config(
-        cfg, attn_implementation="eager", dtype=torch.float32)
-    return tiny.finish(model, sharpen)
+    cfg = config(transformers.Qwen3VLMoeConfig, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                 decoder_sparse_step=1)
+    return tiny.build(transformers.Qwen3VLMoeForConditionalGeneration, cfg, sharpen)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +43,7 @@ def test_optimize_matches_published_loop(pair, alignment):
     base, rlvr = pair
     inputs = make_inputs(base)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=12, alignment=alignment)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    pub = reference.published_replay(rlvr, base, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert_matches_published(result, pub, n_visual=n_tokens(), hidden=64, steps=12)
 
 
@@ -67,7 +53,7 @@ def test_patch_generate_equals_optimize(pair):
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=6)
     with ar.patch(rlvr, base=base, config=cfg) as handle:
         patched = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert torch.allclose(handle.last.deltas, result.deltas, rtol=0, atol=1e-6)
     with ar.apply(rlvr, result):
         applied = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)

@@ -6,6 +6,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
+from conftest import replay, replay_and_published
 
 LR = 1e-3
 
@@ -13,11 +14,6 @@ LR = 1e-3
 @pytest.fixture(scope="module")
 def pair():
     return tiny.make_pair("qwen2_5_vl")
-
-
-def run_both(base, rlvr, inputs, cfg):
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
-    return result, reference.published_replay(rlvr, base, inputs, cfg)
 
 
 VARIANTS = {
@@ -36,7 +32,7 @@ def test_variant_matches_published_loop(pair, variant):
     base, rlvr = pair
     inputs = tiny.make_inputs(base, images=[(8, 8)], video=(2, 4, 4))
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=10, **VARIANTS[variant])
-    result, pub = run_both(base, rlvr, inputs, cfg)
+    result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert result.selected == pub["selected"] and sum(result.selected) > 0
     assert float((result.deltas - pub["deltas"]).abs().max() / pub["deltas"].abs().max()) <= 1e-4
     for ours, theirs in zip(result.losses, pub["losses"]):
@@ -148,7 +144,7 @@ def test_mid_replay_offsets_go_to_the_input_of_the_inject_layer(pair):
     base, rlvr = pair
     inputs = tiny.make_inputs(base, images=[(8, 8)])
     cfg = ar.ReplayConfig(layers=3, lr=0.05, steps=5, inject_layer=2)
-    result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    result = replay(base, rlvr, inputs, cfg)
     assert result.inject_layer == 2 and float(result.deltas.abs().max()) > 0
     visual = (inputs["input_ids"] == tiny.IMAGE_TOKEN_ID)[0]
     layers = rlvr.model.language_model.layers
