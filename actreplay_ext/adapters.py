@@ -227,6 +227,24 @@ class QwenVLAdapter(ModelAdapter):
             self.model.model.rope_deltas = state["rope_deltas"]
 
 
+def equality_classes(items: Sequence) -> List[int]:
+    """For each item (a tensor, or a tuple of tensors compared element-wise),
+    the index of its class of equal items, classes numbered in order of first
+    appearance. How encoded images that cannot be told apart by identity are
+    matched to the recorded ones."""
+    reps: List[Tuple] = []
+    out: List[int] = []
+    for it in items:
+        it = it if isinstance(it, tuple) else (it,)
+        j = next((j for j, r in enumerate(reps)
+                  if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(r, it))), None)
+        if j is None:
+            reps.append(it)
+            j = len(reps) - 1
+        out.append(j)
+    return out
+
+
 def encoded_order(encoded, n_items: int) -> Optional[List[int]]:
     """Which recorded image (or video) each entry of an encoded `pooler_output`
     list is, told apart by identity. transformers 5.x `generate` with

@@ -65,7 +65,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .adapters import encoded_order, register_adapter
+from .adapters import encoded_order, equality_classes, register_adapter
 from .llava import LlavaAdapter
 from .prefill import LayerExtras, _batch_dim, cache_length, prefix_layer_kwargs
 
@@ -137,15 +137,8 @@ class Gemma3Adapter(LlavaAdapter):
         pooled = getattr(encoded, "pooler_output", None)
         if order is not None or not isinstance(pooled, torch.Tensor) or pooled.dim() != 3:
             return order
-        first: List[torch.Tensor] = []
-        order = []
-        for entry in pooled:
-            j = next((i for i, e in enumerate(first) if torch.equal(e, entry)), None)
-            if j is None:
-                first.append(entry)
-                j = len(first) - 1
-            order.append(j)
-        return order if len(first) == n_images else None
+        order = equality_classes(list(pooled))
+        return order if len(set(order)) == n_images else None
 
     def image_tokens(self) -> int:
         return int(self.model.config.mm_tokens_per_image)

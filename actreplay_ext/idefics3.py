@@ -42,29 +42,13 @@ What `generate` passes to the top-level forward at prefill:
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 
-from .adapters import ModelAdapter, register_adapter
+from .adapters import ModelAdapter, equality_classes, register_adapter
 
 __all__ = ["Idefics3Adapter"]
-
-
-def _classes(items: Sequence) -> List[int]:
-    """For each item, the index of the first equal item's class (classes numbered
-    in order of first appearance). Items are tensors or tuples of tensors."""
-    reps: List = []
-    out: List[int] = []
-    for it in items:
-        it = it if isinstance(it, tuple) else (it,)
-        j = next((j for j, r in enumerate(reps)
-                  if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(r, it))), None)
-        if j is None:
-            reps.append(it)
-            j = len(reps) - 1
-        out.append(j)
-    return out
 
 
 class Idefics3Adapter(ModelAdapter):
@@ -135,8 +119,8 @@ class Idefics3Adapter(ModelAdapter):
         if len(entries) == n_img:
             image_of = list(range(n_img))
         else:
-            e_cls = _classes(entries)
-            i_cls = _classes([(pixels[i], patch_mask[i]) for i in range(n_img)])
+            e_cls = equality_classes(entries)
+            i_cls = equality_classes([(pixels[i], patch_mask[i]) for i in range(n_img)])
             if len(set(e_cls)) != len(set(i_cls)):
                 raise RuntimeError(
                     f"actreplay_ext: cannot match the {len(entries)} encoded images of this prompt to the "

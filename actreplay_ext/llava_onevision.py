@@ -58,7 +58,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapters import register_adapter
+from .adapters import equality_classes, register_adapter
 from .llava import LlavaAdapter
 
 __all__ = ["LlavaOnevisionAdapter"]
@@ -289,27 +289,14 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         if pooled.shape[0] == videos.shape[0]:
             return {"pixel_values_videos": videos}
         # num_return_sequences repeated the encoded videos (by value): match them to the recorded videos
-        e_cls = _classes(list(pooled))
-        v_cls = _classes(list(videos))
+        e_cls = equality_classes(list(pooled))
+        v_cls = equality_classes(list(videos))
         if len(set(e_cls)) != len(set(v_cls)):
             raise RuntimeError(f"actreplay_ext: cannot match the {pooled.shape[0]} encoded videos of this prompt to "
                                f"the {videos.shape[0]} videos the vision tower saw")
         first = {c: i for i, c in reversed(list(enumerate(v_cls)))}
         idx = torch.tensor([first[c] for c in e_cls], device=videos.device)
         return {"pixel_values_videos": videos.index_select(0, idx)}
-
-
-def _classes(items: List[torch.Tensor]) -> List[int]:
-    """For each tensor, the index of its equality class, in order of first appearance."""
-    reps: List[torch.Tensor] = []
-    out = []
-    for it in items:
-        j = next((j for j, r in enumerate(reps) if torch.equal(r, it)), None)
-        if j is None:
-            reps.append(it)
-            j = len(reps) - 1
-        out.append(j)
-    return out
 
 
 def _groups(patched: Sequence[bool]) -> List[int]:
