@@ -1,25 +1,34 @@
 """Activation Replay (Xing et al., CVPR 2026) for HuggingFace vision-language
-models, on fused C++/CUDA logit-lens operators."""
+models, on fused C++/CUDA logit-lens operators.
+
+The package, with imports running one way (tools -> hooks -> core -> models -> ops):
+    ops.py, config.py   the operators' Python face; ReplayConfig and presets
+    reference/          plain-PyTorch oracles of the ops; ports of the published loops
+    models/             ModelAdapter, the registry, one module per family
+    core/               results, validation, the layer runner, prefill capture,
+                        batching, targets, the optimisation loop, direct mode
+    hooks/              patch() and apply(): one handle per mode, per-forward records
+    cli.py, analysis.py, data.py, verify.py, tiny.py   the tools around the engine
+"""
 
 import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
 
 try:
     from . import _C  # registers torch.ops.actreplay
-except ModuleNotFoundError as e:  # pragma: no cover - a source tree without the build
+except ImportError as e:  # pragma: no cover - a source tree without the build (whatever ImportError Python raises)
     raise ImportError(
-        "actreplay_ext: the compiled extension actreplay_ext._C is missing; install the package "
-        "(pip install --no-build-isolation .) and import it from outside the source tree"
-    ) from e
-from . import ops, reference  # noqa: E402
-from .adapters import get_adapter, register_adapter, supported_families
-from . import llava  # noqa: E402,F401  (registers LlavaAdapter)
-from . import llava_onevision  # noqa: E402,F401  (registers LlavaOnevisionAdapter)
-from . import idefics3  # noqa: E402,F401  (registers Idefics3Adapter: Idefics3, SmolVLM)
-from . import qwen3_vl  # noqa: E402,F401  (registers Qwen3VLAdapter)
-from . import gemma3  # noqa: E402,F401  (registers Gemma3Adapter)
-from .config import PRESETS, ReplayConfig
-from .engine import ReplayResult, ReplayTargets, apply, compute_targets, optimize
-from .patch import ReplayHandle, patch
+        f"actreplay_ext: the compiled extension actreplay_ext._C cannot be imported ({type(e).__name__}: {e}); "
+        "install the package (pip install --no-build-isolation .) and import it from outside the source tree, "
+        "or build it in place (python setup.py build_ext --inplace)"
+    ) from None
+
+from . import moved, ops, reference  # noqa: E402
+from .config import PRESETS, ReplayConfig  # noqa: E402
+from .core import ReplayResult, ReplayTargets, compute_targets, optimize  # noqa: E402
+from .hooks import ReplayHandle, apply, patch  # noqa: E402
+from .models import get_adapter, register_adapter, supported_families  # noqa: E402
+
+moved.install()
 
 __version__ = "0.1.0"
 
@@ -30,8 +39,16 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
+def __getattr__(name):
+    if name == "tiny":  # imported on first use: it needs transformers' model classes
+        import importlib
+
+        return importlib.import_module(".tiny", __name__)
+    raise AttributeError(f"module 'actreplay_ext' has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS", "ReplayConfig", "ReplayHandle", "ReplayResult", "ReplayTargets", "apply", "build_info",
     "compute_targets", "get_adapter", "ops", "optimize", "patch", "reference", "register_adapter",
-    "supported_families",
+    "supported_families", "tiny",
 ]

@@ -22,9 +22,9 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from .adapters import check_pair, get_adapter
-from .engine import _run_layers
-from .prefill import capture_prefill, prefix_extras, prefix_layer_kwargs
+from .core import capture_prefill, lens_params, run_layers
+from .models import check_pair, get_adapter
+from .reference import lens_logits
 
 __all__ = ["LayerStats", "lens_kl", "Analysis", "plot"]
 
@@ -33,9 +33,8 @@ CHUNK_ROWS = 256
 
 
 def _lens_logp(h: torch.Tensor, unembed: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:
-    x = h.to(unembed.device).float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()
-    return torch.log_softmax(x @ unembed.float().T, -1)
+    """Full-vocabulary log-probabilities of the logit lens, in float32 (SPEC §2)."""
+    return torch.log_softmax(lens_logits(h.to(unembed.device), unembed, norm_w, eps), -1)
 
 
 def _visual_outputs(adapter, inputs: Dict, layers: int) -> List[torch.Tensor]:
@@ -49,9 +48,8 @@ def _visual_outputs(adapter, inputs: Dict, layers: int) -> List[torch.Tensor]:
     vis = pre.visual[0, :P].nonzero().squeeze(1)
     outs: List[torch.Tensor] = []
     with torch.no_grad():
-        _run_layers(adapter, pre.hidden0[:, :P], prefix_layer_kwargs(pre.layer_kwargs, P), 0, layers,
-                    lambda l, h_in, h_out: outs.append(h_out[0].index_select(0, vis.to(h_out.device))),
-                    extras=prefix_extras(pre, P))
+        run_layers(adapter, pre.hidden0[:, :P], pre.layers.prefix(P), 0, layers,
+                   lambda l, h_in, h_out: outs.append(h_out[0].index_select(0, vis.to(h_out.device))))
     return outs
 
 
@@ -68,8 +66,7 @@ def lens_kl(base, rlvr, inputs: Dict, layers: Optional[int] = None) -> List[Dict
     rlvr_out = _visual_outputs(r_ad, inputs, L)
     if not base_out:
         return []
-    lens_b = (b_ad.unembed().detach(), b_ad.lens_norm_weight().detach(), b_ad.norm_eps())
-    lens_r = (r_ad.unembed().detach(), r_ad.lens_norm_weight().detach(), r_ad.norm_eps())
+    lens_b, lens_r = lens_params(b_ad), lens_params(r_ad)
     stats = []
     with torch.no_grad():
         for hb, hr in zip(base_out, rlvr_out):

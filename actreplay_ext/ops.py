@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.actreplay)
+import actreplay_ext._C  # noqa: F401  (registers torch.ops.actreplay)
 
 __all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl"]
 

@@ -77,7 +77,7 @@ def build(model_cls, config, sharpen: float, attn_implementation: str = "eager",
 def finish(model, sharpen: float):
     """Eval mode, a sharpened lens (effective final-norm weight x `sharpen`) and
     fixed-length greedy generations, for any tiny HF VLM."""
-    from .adapters import get_adapter
+    from .models import get_adapter
 
     model.eval()
     get_adapter(model).scale_lens_norm(sharpen)
@@ -96,7 +96,7 @@ def make_pair(family: str = "qwen2_5_vl", seed: int = 0, noise: float = 0.05, **
 def perturbed_copy(base, noise: float, seed: int):
     """A copy of `base` with Gaussian noise (std = noise * the parameter's std) on
     every text decoder-layer weight: a stand-in for an RLVR post-trained model."""
-    from .adapters import get_adapter
+    from .models import get_adapter
 
     rlvr = copy.deepcopy(base)
     dev = next(base.parameters()).device

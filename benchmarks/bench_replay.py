@@ -82,18 +82,19 @@ def measure(fn, device):
 
 def decoder_floor(rlvr, inputs, cfg):
     """25 forward + input-gradient passes of the layers the loop needs, alone."""
-    from actreplay_ext.adapters import get_adapter
-    from actreplay_ext.prefill import capture_prefill, frozen_parameters, layer_output, prefix_layer_kwargs
+    from actreplay_ext.core import capture_prefill, loop_autograd
+    from actreplay_ext.models import get_adapter
+    from actreplay_ext.models.calls import layer_output
 
     ad = get_adapter(rlvr)
     pre = capture_prefill(ad, inputs)
     P = pre.prefix_len
-    kwargs = prefix_layer_kwargs(pre.layer_kwargs, P)
+    kwargs = pre.layers.prefix(P).kwargs
     layers = ad.decoder_layers()[: cfg.layers - 1]
     x0 = pre.hidden0[:, :P].detach()
 
     def run():
-        with frozen_parameters(rlvr), torch.enable_grad():
+        with loop_autograd(rlvr):
             for _ in range(cfg.steps):
                 x = x0.clone().requires_grad_()
                 h = x

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actreplay_ext import analysis, get_adapter, tiny
-from actreplay_ext.prefill import layer_output
+from actreplay_ext.models.calls import layer_output
 
 
 @pytest.fixture(scope="module")

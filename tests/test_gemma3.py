@@ -10,9 +10,8 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from actreplay_ext.engine import _run_layers
-from actreplay_ext.gemma3 import Gemma3Adapter, LayerTypeKwargs
-from actreplay_ext.prefill import capture_prefill, prefix_extras, prefix_layer_kwargs
+from actreplay_ext.core import LayerInputs, capture_prefill, run_layers
+from actreplay_ext.models.gemma3 import Gemma3Adapter, LayerTypeKwargs
 from conftest import assert_matches_published, LayerBatchSizes, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
@@ -122,11 +121,11 @@ def test_captured_masks_are_per_type_with_image_blocks(pair):
     base, _ = pair
     inputs = make_inputs()
     pre = capture_prefill(ar.get_adapter(base), inputs)
-    assert isinstance(pre.extras, LayerTypeKwargs) and pre.extras.types == LAYER_TYPES
+    assert isinstance(pre.layers.per_layer, LayerTypeKwargs) and pre.layers.per_layer.types == LAYER_TYPES
     T = pre.input_ids.shape[1]
     assert pre.prefix_len > WINDOW
-    full = allowed(pre.extras.per_type["full_attention"]["attention_mask"])[0, 0]
-    slid = allowed(pre.extras.per_type["sliding_attention"]["attention_mask"])[0, 0]
+    full = allowed(pre.layers.per_layer.per_type["full_attention"]["attention_mask"])[0, 0]
+    slid = allowed(pre.layers.per_layer.per_type["sliding_attention"]["attention_mask"])[0, 0]
     assert full.shape == slid.shape == (T, T)
     assert full[T - 1, 0] and not slid[T - 1, 0] and slid[T - 1, T - WINDOW + 1]
     img = pre.visual[0].nonzero().squeeze(1)
@@ -134,19 +133,19 @@ def test_captured_masks_are_per_type_with_image_blocks(pair):
     for m in (full, slid):
         assert m[first[0], first[-1]] and not m[first[0], second[0]]
     causal = capture_prefill(ar.get_adapter(base), make_inputs(token_types=False))
-    assert not allowed(causal.extras.per_type["full_attention"]["attention_mask"])[0, 0, first[0], first[-1]]
+    assert not allowed(causal.layers.per_layer.per_type["full_attention"]["attention_mask"])[0, 0, first[0], first[-1]]
 
 
 @pytest.mark.parametrize("prefix", [False, True])
 def test_engine_layers_equal_the_whole_model(pair, prefix):
-    """_run_layers from the captured prefill gives every layer's output as the
+    """run_layers from the captured prefill gives every layer's output as the
     whole model does, on the full prompt and on the replay prefix; with layer
     0's kwargs for every layer (no per-type arguments) it does not."""
     base, _ = pair
     ad = ar.get_adapter(base)
     inputs = make_inputs()
     outs = {}
-    hooks = reference._record_layer_outputs(ad, 4, outs.__setitem__)
+    hooks = reference.record_layer_outputs(ad, 4, outs.__setitem__)
     try:
         with torch.no_grad():
             base(**inputs)
@@ -155,12 +154,11 @@ def test_engine_layers_equal_the_whole_model(pair, prefix):
             h.remove()
     pre = capture_prefill(ad, inputs)
     P = pre.prefix_len if prefix else pre.input_ids.shape[1]
-    kwargs = prefix_layer_kwargs(pre.layer_kwargs, P)
+    inputs_p = pre.layers.prefix(P)
     ours, layer0_only = [], []
     with torch.no_grad():
-        _run_layers(ad, pre.hidden0[:, :P], kwargs, 0, 4, lambda l, i, o: ours.append(o),
-                    extras=prefix_extras(pre, P))
-        _run_layers(ad, pre.hidden0[:, :P], kwargs, 0, 4, lambda l, i, o: layer0_only.append(o))
+        run_layers(ad, pre.hidden0[:, :P], inputs_p, 0, 4, lambda l, i, o: ours.append(o))
+        run_layers(ad, pre.hidden0[:, :P], LayerInputs(inputs_p.kwargs), 0, 4, lambda l, i, o: layer0_only.append(o))
     for l in range(4):
         assert torch.allclose(ours[l], outs[l][:, :P], rtol=1e-5, atol=1e-5), l
     assert torch.allclose(layer0_only[0], outs[0][:, :P], rtol=1e-5, atol=1e-5)  # layer 0 is its own

@@ -8,8 +8,8 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from actreplay_ext.idefics3 import Idefics3Adapter
-from actreplay_ext.prefill import capture_prefill
+from actreplay_ext.core import capture_prefill
+from actreplay_ext.models.idefics3 import Idefics3Adapter
 from conftest import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")

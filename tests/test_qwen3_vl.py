@@ -11,9 +11,8 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from actreplay_ext.engine import _run_layers
-from actreplay_ext.prefill import capture_prefill, distinct_rows, prefix_extras, prefix_layer_kwargs
-from actreplay_ext.qwen3_vl import Deepstack, Qwen3VLAdapter
+from actreplay_ext.core import LayerInputs, capture_prefill, distinct_rows, run_layers
+from actreplay_ext.models.qwen3_vl import Deepstack, Qwen3VLAdapter
 from conftest import assert_matches_published, LayerBatchSizes, rel_max, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
@@ -134,14 +133,14 @@ def test_adapter_locates_the_parts(pair):
     assert ad.vision_tower() is base.model.visual
     assert ad.visual_token_ids() == [IMAGE_ID, VIDEO_ID]
     assert ad.tokens_per_item(torch.tensor([[1, 8, 8], [1, 6, 8], [2, 4, 4]])).tolist() == [16, 12, 8]
-    assert ad.extras_module() is lm and ad.deepstack_layers() == 2
+    assert ad.layer_loop_module() is lm and ad.deepstack_layers() == 2
 
 
 def test_prefill_captures_the_deepstack_features(pair):
     base, _ = pair
     inputs = make_inputs(base)
     pre = capture_prefill(ar.get_adapter(base), inputs)
-    ds = pre.extras
+    ds = pre.layers.between
     assert isinstance(ds, Deepstack) and ds.layers == len(DEEPSTACK_FROM)
     assert torch.equal(ds.visual, inputs["input_ids"] == IMAGE_ID)
     assert all(e.shape == (n_tokens(), 64) and float(e.abs().max()) > 0 for e in ds.embeds)
@@ -149,7 +148,7 @@ def test_prefill_captures_the_deepstack_features(pair):
     # The prefix ends at the last visual token; text after it is cut, no feature row is.
     P = pre.prefix_len
     assert P < pre.input_ids.shape[1]
-    cut = prefix_extras(pre, P)
+    cut = pre.layers.prefix(P).between
     assert cut.visual.shape == (1, P) and all(torch.equal(a, b) for a, b in zip(cut.embeds, ds.embeds))
     # Cutting before the second image keeps the first image's feature rows only.
     first_end = int((inputs["input_ids"][0] == END_ID).nonzero()[0])
@@ -179,11 +178,11 @@ def test_engine_reads_the_residual_stream_of_the_whole_model(pair):
     ad = ar.get_adapter(base)
     pre = capture_prefill(ad, inputs)
     T = pre.hidden0.shape[1]
-    kwargs = prefix_layer_kwargs(pre.layer_kwargs, T)
+    inputs_t = pre.layers.prefix(T)
     with_ds, without = [], []
     with torch.no_grad():
-        _run_layers(ad, pre.hidden0, kwargs, 0, 4, lambda l, i, o: with_ds.append(o), extras=prefix_extras(pre, T))
-        _run_layers(ad, pre.hidden0, kwargs, 0, 4, lambda l, i, o: without.append(o))
+        run_layers(ad, pre.hidden0, inputs_t, 0, 4, lambda l, i, o: with_ds.append(o))
+        run_layers(ad, pre.hidden0, LayerInputs(inputs_t.kwargs), 0, 4, lambda l, i, o: without.append(o))
     stream, hidden_states = residual_stream(base, inputs)
     vis = pre.visual[0]
     for l in range(4):
@@ -193,7 +192,7 @@ def test_engine_reads_the_residual_stream_of_the_whole_model(pair):
     first_vis = int(vis.nonzero()[0])
     assert torch.allclose(without[0][0, :first_vis], stream[0][0, :first_vis], rtol=0, atol=1e-6)
     assert float((without[0][0, vis] - stream[0][0, vis]).abs().min()) > 0
-    ds = pre.extras
+    ds = pre.layers.between
     v4 = transformers.__version__.startswith("4.")
     for l in range(4):
         layer_return = stream[l].clone()
@@ -223,7 +222,7 @@ def test_image_and_video_match_published_loop(pair):
     inputs = make_inputs(base, images=[(8, 8)], video=(2, 4, 4))
     pre = capture_prefill(ar.get_adapter(base), inputs)
     ids = inputs["input_ids"]
-    assert torch.equal(pre.extras.visual, (ids == IMAGE_ID) | (ids == VIDEO_ID)) and int(pre.visual.sum()) == 24
+    assert torch.equal(pre.layers.between.visual, (ids == IMAGE_ID) | (ids == VIDEO_ID)) and int(pre.visual.sum()) == 24
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=6)
     result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert result.deltas.shape == (24, 64) and result.selected == pub["selected"]
@@ -251,7 +250,7 @@ def test_without_the_deepstack_hook_parity_breaks(pair, monkeypatch):
     inputs = make_inputs(base)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=4)
     pub = reference.published_replay(rlvr, base, inputs, cfg)
-    monkeypatch.setattr(Qwen3VLAdapter, "extras_module", lambda self: None)
+    monkeypatch.setattr(Qwen3VLAdapter, "layer_loop_module", lambda self: None)
     targets = ar.compute_targets(base, inputs, cfg)
     result = ar.optimize(rlvr, inputs, targets, cfg)
     assert result.losses[0] != pytest.approx(pub["losses"][0], rel=1e-3)

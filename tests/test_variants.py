@@ -126,9 +126,8 @@ def test_direct_is_recomputed_for_each_new_prompt():
 
 
 def test_direct_refuses_different_prompts():
-    from actreplay_ext.adapters import get_adapter
-    from actreplay_ext.direct import plan_direct
-    from actreplay_ext.prefill import capture_prefill
+    from actreplay_ext.core import capture_prefill, plan_direct
+    from actreplay_ext.models import get_adapter
 
     base, rlvr = tiny.make_pair("qwen2_5_vl")
     a, b = get_adapter(rlvr), get_adapter(base)

@@ -15,10 +15,11 @@ from typing import List
 
 import torch
 
-from . import ops
-from .adapters import ModelAdapter
-from .config import ReplayConfig
-from .prefill import Prefill, layer_output, prefix_extras, prefix_layer_kwargs
+from .. import ops
+from ..config import ReplayConfig
+from ..models.base import ModelAdapter
+from .layers import lens_params, run_layers
+from .prefill import Prefill
 
 __all__ = ["DirectPlan", "plan_direct", "substitute"]
 
@@ -39,24 +40,17 @@ class DirectPlan:
 
 def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: bool):
     """Entropy of the lens of every layer output [L, B*T], and the layer inputs."""
-    T = pre.hidden0.shape[1]
-    kwargs = prefix_layer_kwargs(pre.layer_kwargs, T)  # the full prompt, without a cache
-    extras = prefix_extras(pre, T)
-    unembed = adapter.unembed().detach()
-    norm_w, eps = adapter.lens_norm_weight().detach(), adapter.norm_eps()
-    layers = adapter.decoder_layers()
+    unembed, norm_w, eps = lens_params(adapter)
     entropies, inputs = [], []
-    h = pre.hidden0
-    with torch.no_grad():
-        for l in range(L):
-            if keep_inputs:
-                inputs.append(h)
-            kw = kwargs if extras is None else extras.layer_kwargs(l, kwargs)
-            h = layer_output(layers[l](h, **kw))
-            if extras is not None:  # the residual stream leaving layer l (SPEC §2)
-                h = extras.after_layer(l, h)
-            rows = h.reshape(-1, h.shape[-1]).to(unembed.device).contiguous()
-            entropies.append(ops.lens_entropy(rows, unembed, norm_w, eps, 0)[0])
+
+    def lens(l, h_in, h_out):
+        if keep_inputs:
+            inputs.append(h_in)
+        rows = h_out.reshape(-1, h_out.shape[-1]).to(unembed.device).contiguous()
+        entropies.append(ops.lens_entropy(rows, unembed, norm_w, eps, 0)[0])
+
+    with torch.no_grad():  # the full prompt, without a cache
+        run_layers(adapter, pre.hidden0, pre.layers.prefix(pre.hidden0.shape[1]), 0, L, lens)
     return torch.stack(entropies), inputs
 
 

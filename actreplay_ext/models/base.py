@@ -1,21 +1,71 @@
-"""Per-family adapters: where a HuggingFace VLM keeps what Activation Replay
-reads and offsets, on transformers 4.57.x and 5.x.
+"""What the engine needs from a model family: `ModelAdapter`, and the two
+kinds of per-prefill state a family's own layer loop may carry that running
+the decoder layers alone must reproduce (`BetweenLayers`, `LayerKwargs`).
 
 An adapter locates the text decoder layers (whose residual stream the method
-reads), the final RMSNorm and unembedding (the logit lens), the vision tower,
-the visual placeholder token ids, and how to turn a prompt into the inputs of
-the model's forward. Adding a family is one subclass and one registry entry.
+reads), the final norm and unembedding (the logit lens), the vision tower, the
+visual placeholder token ids, and how to turn a prompt into the inputs of the
+model's forward, on transformers 4.57.x and 5.x.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "QwenVLAdapter", "get_adapter", "register_adapter", "supported_families"]
+from .calls import bound_kwargs
+from .matching import encoded_order
+
+__all__ = ["ModelAdapter", "BetweenLayers", "LayerKwargs"]
+
+
+class BetweenLayers:
+    """What a model's layer loop adds to the residual stream *between* decoder
+    layers in one prefill (Qwen3-VL adds its deepstack visual features after
+    its first layers). The residual stream leaving decoder layer l, h_out(l),
+    is `after_layer(l, layer_output)`: the input of layer l + 1. Built by
+    `ModelAdapter.between_layers_from_call`; families without it have none."""
+
+    def after_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` [B, T, D], the return value of decoder layer `layer`, as the
+        next layer receives it. Out of place (the loop differentiates through it)."""
+        return hidden
+
+    def prefix(self, P: int) -> "BetweenLayers":
+        """The same for the prefix of the first P positions (SPEC §5.3)."""
+        return self
+
+    def rows(self, index: List[int]) -> "BetweenLayers":
+        """The same for batch rows `index`, in that order."""
+        return self
+
+    def same_rows(self, a: int, b: int) -> bool:
+        """Whether rows a and b carry equal state (identical rows are optimised once)."""
+        return True
+
+
+class LayerKwargs:
+    """The keyword arguments a model's layer loop gives decoder layer l where
+    they differ from layer 0's, which is all the replay captures (Gemma 3
+    gives its sliding-window and full-attention layers different masks and
+    rotary tables). Built by `ModelAdapter.layer_kwargs_from_call`; without
+    it every layer gets layer 0's arguments."""
+
+    def layer_kwargs(self, layer: int, kwargs: Dict) -> Dict:
+        """The keyword arguments of decoder layer `layer`, given layer 0's
+        (`kwargs`, already cut to the prefix the loop runs on). Not in place."""
+        return kwargs
+
+    def prefix(self, P: int) -> "LayerKwargs":
+        return self
+
+    def rows(self, index: List[int]) -> "LayerKwargs":
+        return self
+
+    def same_rows(self, a: int, b: int) -> bool:
+        return True
 
 
 class ModelAdapter:
@@ -98,6 +148,10 @@ class ModelAdapter:
                                   "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                                   "second_per_grid_ts", "mm_token_type_ids")
 
+    def prompt_kwargs(self, kwargs: Dict) -> Dict:
+        """The keywords of a forward call that describe the prompt (`prompt_keys`, not None)."""
+        return {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
+
     def prompt_from_forward(self, kwargs: Dict, vision_calls: List) -> Dict:
         """The prompt of a forward call, as inputs for another model of the family.
 
@@ -105,7 +159,7 @@ class ModelAdapter:
         forward and passes only `mm_encoder_outputs`; the pixel inputs are then
         taken from the vision tower's recorded calls (`vision_calls`, as
         (args, kwargs), images before videos as the model encodes them)."""
-        prompt = {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
+        prompt = self.prompt_kwargs(kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         modalities = [m for m in ("image", "video") if encoded.get(m) is not None]
         if modalities:
@@ -170,140 +224,27 @@ class ModelAdapter:
     def restore_state(self, state: Dict) -> None:
         pass
 
-    # ---- what the model's layer loop adds between decoder layers
-    def extras_module(self) -> Optional[nn.Module]:
-        """A module called in each forward before decoder layer 0 whose call
-        carries per-prefill inputs that the model's layer loop adds to the
-        residual stream between decoder layers (Qwen3-VL: the text model, with
-        its deepstack features), or whose call carries the keyword arguments
-        that differ between decoder layers (Gemma 3: the masks and rotary
-        tables of its sliding-window and full-attention layers; see
-        `prefill.LayerExtras.layer_kwargs`). None (the default): the family
-        adds nothing and every layer takes layer 0's keyword arguments, so the
-        decoder layers alone reproduce the residual stream."""
+    # ---- what the model's layer loop carries beyond layer 0's arguments
+    def layer_loop_module(self) -> Optional[nn.Module]:
+        """The module whose forward runs the decoder-layer loop and whose call
+        carries per-prefill state the loop uses (the text model), for families
+        with a `BetweenLayers` or `LayerKwargs`; None (the default): the decoder
+        layers alone, each given layer 0's arguments, reproduce the residual stream."""
         return None
 
-    def extras_from_call(self, args: tuple, kwargs: Dict):
-        """The `prefill.LayerExtras` of one call of `extras_module()`, or None
-        when this call adds nothing (e.g. a decode step)."""
+    def layer_loop_call(self, args: tuple, kwargs: Dict) -> Dict:
+        """A call of `layer_loop_module()` as keywords."""
+        return bound_kwargs(self.layer_loop_module().forward, args, kwargs)
+
+    def between_layers_from_call(self, kwargs: Dict) -> Optional[BetweenLayers]:
+        """What one call of `layer_loop_module()` (as keywords) adds between
+        layers, or None (a decode step, a family that adds nothing)."""
         return None
 
-
-class QwenVLAdapter(ModelAdapter):
-    """Qwen2-VL and Qwen2.5-VL (transformers 4.57.x and 5.x share these paths)."""
-
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-
-    def vision_tower(self):
-        return self.model.model.visual
-
-    def visual_token_ids(self):
-        cfg = self.model.config
-        return [int(cfg.image_token_id), int(cfg.video_token_id)]
-
-    def forward_inputs(self, inputs):
-        out = dict(inputs)
-        # transformers 5.x computes M-RoPE positions from mm_token_type_ids; without
-        # them Qwen2.5-VL silently falls back to 1-D positions. 4.57 has no such input.
-        params = inspect.signature(self.model.forward).parameters
-        if "mm_token_type_ids" in params and out.get("mm_token_type_ids") is None and "input_ids" in out:
-            ids = out["input_ids"]
-            cfg = self.model.config
-            mm = torch.zeros_like(ids, dtype=torch.int32)
-            mm[ids == cfg.image_token_id] = 1
-            mm[ids == cfg.video_token_id] = 2
-            out["mm_token_type_ids"] = mm
-        return out
-
-    def tokens_per_item(self, grid_thw):
-        merge = int(self.model.config.vision_config.spatial_merge_size)
-        return grid_thw.prod(-1) // (merge * merge)
-
-    def model_state(self):
-        return {"rope_deltas": getattr(self.model.model, "rope_deltas", None)}
-
-    def restore_state(self, state):
-        if hasattr(self.model.model, "rope_deltas"):
-            self.model.model.rope_deltas = state["rope_deltas"]
-
-
-def equality_classes(items: Sequence) -> List[int]:
-    """For each item (a tensor, or a tuple of tensors compared element-wise),
-    the index of its class of equal items, classes numbered in order of first
-    appearance. How encoded images that cannot be told apart by identity are
-    matched to the recorded ones."""
-    reps: List[Tuple] = []
-    out: List[int] = []
-    for it in items:
-        it = it if isinstance(it, tuple) else (it,)
-        j = next((j for j, r in enumerate(reps)
-                  if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(r, it))), None)
-        if j is None:
-            reps.append(it)
-            j = len(reps) - 1
-        out.append(j)
-    return out
-
-
-def encoded_order(encoded, n_items: int) -> Optional[List[int]]:
-    """Which recorded image (or video) each entry of an encoded `pooler_output`
-    list is, told apart by identity. transformers 5.x `generate` with
-    `num_return_sequences=K` repeats the entry objects to match the repeated
-    rows (5.18 repeats each item K times in a row: [a, a, b, b], not
-    [a, b, a, b]), so this is the order the model's rows actually received;
-    the base model's prompt must follow it. None when it cannot be told."""
-    pooled = getattr(encoded, "pooler_output", None)
-    if not isinstance(pooled, (list, tuple)):
+    def layer_kwargs_from_call(self, kwargs: Dict) -> Optional[LayerKwargs]:
+        """The per-layer arguments of one call of `layer_loop_module()`, or None."""
         return None
-    first: List = []
-    order = []
-    for entry in pooled:
-        j = next((i for i, e in enumerate(first) if e is entry), None)
-        if j is None:
-            first.append(entry)
-            j = len(first) - 1
-        order.append(j)
-    return order if len(first) == n_items else None
 
-
-_REGISTRY: Dict[str, Type[ModelAdapter]] = {}
-
-
-def register_adapter(cls: Type[ModelAdapter]) -> Type[ModelAdapter]:
-    for name in cls.model_classes:
-        _REGISTRY[name] = cls
-    return cls
-
-
-register_adapter(QwenVLAdapter)
-
-
-def supported_families() -> List[str]:
-    return sorted(_REGISTRY)
-
-
-def get_adapter(model: nn.Module, argument: str = "model") -> ModelAdapter:
-    name = type(model).__name__
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise TypeError(
-            f"actreplay_ext: argument '{argument}' is a {name}, which is not a supported model family; "
-            f"supported: {', '.join(supported_families())} (see the README on adding an adapter)"
-        )
-    return cls(model)
-
-
-def check_pair(rlvr: ModelAdapter, base: ModelAdapter) -> None:
-    """Base and RLVR models must share the architecture the method relies on."""
-    checks: List[Tuple[str, object, object]] = [
-        ("hidden size", rlvr.hidden_size, base.hidden_size),
-        ("vocabulary size", rlvr.vocab_size, base.vocab_size),
-        ("number of decoder layers", rlvr.num_layers, base.num_layers),
-        ("visual token ids", rlvr.visual_token_ids(), base.visual_token_ids()),
-    ]
-    for what, a, b in checks:
-        if a != b:
-            raise ValueError(
-                f"actreplay_ext: the RLVR and base models differ in {what}: RLVR has {a}, base has {b}; "
-                "Activation Replay needs a base model and the RLVR model post-trained from it"
-            )
+    def encoded_order(self, encoded, n_images: int) -> Optional[List[int]]:
+        """Which recorded image each entry of the encoded images is (`matching.encoded_order`)."""
+        return encoded_order(encoded, n_images)

@@ -46,7 +46,9 @@ from typing import Dict, List
 
 import torch
 
-from .adapters import ModelAdapter, equality_classes, register_adapter
+from .base import ModelAdapter
+from .matching import equality_classes, first_appearance, same_values
+from .registry import register_adapter
 
 __all__ = ["Idefics3Adapter"]
 
@@ -73,7 +75,7 @@ class Idefics3Adapter(ModelAdapter):
         return int(self.model.model.image_seq_len)
 
     def prompt_from_forward(self, kwargs: Dict, vision_calls: List) -> Dict:
-        prompt = {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
+        prompt = self.prompt_kwargs(kwargs)
         if "pixel_values" in prompt:  # 4.57: the forward encodes the images itself
             return prompt
         encoded = kwargs.get("mm_encoder_outputs")
@@ -120,15 +122,14 @@ class Idefics3Adapter(ModelAdapter):
             image_of = list(range(n_img))
         else:
             e_cls = equality_classes(entries)
-            i_cls = equality_classes([(pixels[i], patch_mask[i]) for i in range(n_img)])
-            if len(set(e_cls)) != len(set(i_cls)):
+            _, i_first = first_appearance([(pixels[i], patch_mask[i]) for i in range(n_img)], same_values)
+            if len(set(e_cls)) != len(i_first):
                 raise RuntimeError(
                     f"actreplay_ext: cannot match the {len(entries)} encoded images of this prompt to the "
                     f"{n_img} images the vision tower saw; pass pixel_values to generate() without "
                     "num_return_sequences, or compute targets on the expanded inputs"
                 )
-            first = {c: i for i, c in reversed(list(enumerate(i_cls)))}
-            image_of = [first[c] for c in e_cls]
+            image_of = [i_first[c] for c in e_cls]
         seq = int(entries[0].shape[0])
         per_row = (input_ids == self.visual_token_ids()[0]).sum(1).tolist()
         counts = [n // seq for n in per_row]

@@ -24,11 +24,12 @@ What `generate` passes to the top-level forward at prefill:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
-from .adapters import ModelAdapter, encoded_order, register_adapter
+from .base import ModelAdapter
+from .registry import register_adapter
 
 __all__ = ["LlavaAdapter"]
 
@@ -64,12 +65,8 @@ class LlavaAdapter(ModelAdapter):
         # Images are stood in for by a [n_images, 1] "grid" of ones (one pixel row each).
         return torch.full((grid_thw.shape[0],), self.image_tokens(), dtype=torch.long, device=grid_thw.device)
 
-    def encoded_order(self, encoded, n_images: int) -> Optional[List[int]]:
-        """Which recorded image each row of the encoded images is (`adapters.encoded_order`)."""
-        return encoded_order(encoded, n_images)
-
     def prompt_from_forward(self, kwargs: Dict, vision_calls: List) -> Dict:
-        prompt = {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
+        prompt = self.prompt_kwargs(kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         if encoded.get("image") is None or "pixel_values" in prompt:
             return prompt

@@ -19,7 +19,7 @@ i < len(deepstack_visual_embeds) (``models/qwen3_vl/modeling_qwen3_vl.py``,
 Both arrive as keyword arguments of the text model's forward (5.18 lines
 1252-1261, 4.57.6 lines 1224-1233), so the
 adapter records them with a forward pre-hook on the text model
-(`extras_module`) and the replay loop, which runs the decoder layers alone,
+(`layer_loop_module`) and the replay loop, which runs the decoder layers alone,
 adds them after the same layers (`Deepstack.after_layer`). Reading them there
 rather than from the vision tower keeps us clear of its version-specific return
 value (4.57.6: a ``(merged, deepstack_list)`` tuple, line 753; 5.18: a
@@ -52,25 +52,25 @@ We take h_out(l) = the residual stream leaving layer l = the decoder layer's
 return value plus the deepstack features of layer l = the input of layer l+1.
 It is the same in both versions, it keeps SPEC §3's identity h_in(l) =
 h_out(l - 1) on which `alignment="published"` rests, and it is what the logit
-lens of the next layer's input reads. The engine (`_run_layers`), the direct
+lens of the next layer's input reads. The engine (`core.run_layers`), the direct
 mode and the parity oracle (`reference.published_replay`, which reads h_out(l)
 as the input of layer l + 1) all use it.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .adapters import QwenVLAdapter, register_adapter
-from .prefill import LayerExtras
+from .base import BetweenLayers
+from .qwen2_vl import QwenVLAdapter
+from .registry import register_adapter
 
 __all__ = ["Qwen3VLAdapter", "Deepstack"]
 
 
-class Deepstack(LayerExtras):
+class Deepstack(BetweenLayers):
     """The deepstack features of one prefill: `visual` [B, T] bool (the
     model's ``visual_pos_masks``) and `embeds`, one [n_visual_total, D] tensor
     per text layer 0 .. len(embeds)-1, rows in (batch row, position) order."""
@@ -131,12 +131,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
-    def extras_module(self):
+    def layer_loop_module(self):
         return self.text_model()
 
-    def extras_from_call(self, args: tuple, kwargs: Dict) -> Optional[Deepstack]:
-        if args:  # the model passes keywords; bind positionals to be safe
-            kwargs = dict(inspect.signature(self.text_model().forward).bind_partial(*args, **kwargs).arguments)
+    def between_layers_from_call(self, kwargs: Dict) -> Optional[Deepstack]:
         embeds = kwargs.get("deepstack_visual_embeds")
         visual = kwargs.get("visual_pos_masks")
         if embeds is None or visual is None or len(embeds) == 0:

@@ -25,7 +25,7 @@ layer its own as ``position_embeddings`` (lines 559-567); 4.57.6 passes every
 layer both ``position_embeddings_global`` and ``position_embeddings_local``
 and the layer picks (lines 559-560, 377-380). The replay loop runs the
 decoder layers alone from layer 0's captured keywords, so the adapter records
-the text model's call (`extras_module`, a forward pre-hook) and
+the text model's call (`layer_loop_module`, a forward pre-hook) and
 `LayerTypeKwargs.layer_kwargs` gives layer l the mask of its type and, on 5.x,
 the rotary tables of its type, computed by the model's own
 ``rotary_emb(x, position_ids, layer_type)`` on the same inputs (5.18 line 561).
@@ -65,18 +65,20 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .adapters import encoded_order, equality_classes, register_adapter
+from .base import LayerKwargs
+from .calls import batch_dim, cache_length, prefix_layer_kwargs
 from .llava import LlavaAdapter
-from .prefill import LayerExtras, _batch_dim, cache_length, prefix_layer_kwargs
+from .matching import encoded_order, equality_classes
+from .registry import register_adapter
 
 __all__ = ["Gemma3Adapter", "LayerTypeKwargs"]
 
 
-class LayerTypeKwargs(LayerExtras):
+class LayerTypeKwargs(LayerKwargs):
     """The keyword arguments that differ by attention type: `types[l]` is layer
     l's type and `per_type[type]` the arguments a layer of that type gets
     instead of layer 0's (``attention_mask``, and on 5.x
-    ``position_embeddings``). Adds nothing between layers."""
+    ``position_embeddings``)."""
 
     def __init__(self, types: Sequence[str], per_type: Dict[str, Dict]):
         missing = sorted(set(types) - set(per_type))
@@ -96,7 +98,7 @@ class LayerTypeKwargs(LayerExtras):
             for key, v in kw.items():
                 for i, x in enumerate(v if isinstance(v, (tuple, list)) else (v,)):
                     if isinstance(x, torch.Tensor):
-                        d = _batch_dim(key, x)
+                        d = batch_dim(key, x)
                         if d is not None and x.shape[d] > 1:  # a batch dimension of 1 broadcasts
                             yield x, d
 
@@ -106,7 +108,7 @@ class LayerTypeKwargs(LayerExtras):
                 return type(v)(pick(key, x) for x in v)
             if not isinstance(v, torch.Tensor):
                 return v
-            d = _batch_dim(key, v)
+            d = batch_dim(key, v)
             if d is None or v.shape[d] == 1:
                 return v
             return v.index_select(d, torch.tensor(index, device=v.device))
@@ -160,13 +162,11 @@ class Gemma3Adapter(LlavaAdapter):
                              f"{self.num_layers} decoder layers")
         return types
 
-    def extras_module(self):
+    def layer_loop_module(self):
         return self.text_model()
 
-    def extras_from_call(self, args: tuple, kwargs: Dict) -> Optional[LayerTypeKwargs]:
+    def layer_kwargs_from_call(self, kwargs: Dict) -> Optional[LayerTypeKwargs]:
         text = self.text_model()
-        if args:  # the model passes keywords; bind positionals to be safe
-            kwargs = dict(inspect.signature(text.forward).bind_partial(*args, **kwargs).arguments)
         if cache_length(kwargs) > 0:
             return None  # a decode step: the replay reads prefills only
         masks = kwargs.get("attention_mask")

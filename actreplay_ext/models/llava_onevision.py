@@ -58,8 +58,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapters import equality_classes, register_adapter
 from .llava import LlavaAdapter
+from .matching import equality_classes, first_appearance, identity_classes, same_values
+from .registry import register_adapter
 
 __all__ = ["LlavaOnevisionAdapter"]
 
@@ -152,7 +153,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     # ----------------------------------------------------- prompt rebuilding
     def prompt_from_forward(self, kwargs: Dict, vision_calls: List) -> Dict:
-        prompt = {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
+        prompt = self.prompt_kwargs(kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         modalities = [m for m in ("image", "video") if encoded.get(m) is not None]
         if not modalities:  # 4.57 (the forward encodes itself) or a text-only prompt
@@ -175,14 +176,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         if not isinstance(pooled, (list, tuple)) or not pooled:
             raise RuntimeError("actreplay_ext: the encoded images of this prompt are not one tensor per image; "
                                "this transformers version's LLaVA-OneVision layout is not supported")
-        distinct: List[torch.Tensor] = []
-        order: List[int] = []
-        for entry in pooled:  # num_return_sequences repeats the entry objects
-            j = next((i for i, e in enumerate(distinct) if e is entry), None)
-            if j is None:
-                distinct.append(entry)
-                j = len(distinct) - 1
-            order.append(j)
+        order, firsts = identity_classes(pooled)  # num_return_sequences repeats the entry objects
+        distinct = [pooled[i] for i in firsts]
         plans = self._image_plans(distinct, tiles)
         n_tiles, sizes, patched = plans
         starts = [sum(n_tiles[:i]) for i in range(len(n_tiles))]
@@ -290,12 +285,11 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             return {"pixel_values_videos": videos}
         # num_return_sequences repeated the encoded videos (by value): match them to the recorded videos
         e_cls = equality_classes(list(pooled))
-        v_cls = equality_classes(list(videos))
-        if len(set(e_cls)) != len(set(v_cls)):
+        _, v_first = first_appearance(list(videos), same_values)
+        if len(set(e_cls)) != len(v_first):
             raise RuntimeError(f"actreplay_ext: cannot match the {pooled.shape[0]} encoded videos of this prompt to "
                                f"the {videos.shape[0]} videos the vision tower saw")
-        first = {c: i for i, c in reversed(list(enumerate(v_cls)))}
-        idx = torch.tensor([first[c] for c in e_cls], device=videos.device)
+        idx = torch.tensor([v_first[c] for c in e_cls], device=videos.device)
         return {"pixel_values_videos": videos.index_select(0, idx)}
 
 

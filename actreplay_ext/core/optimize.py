@@ -1,0 +1,192 @@
+"""The offset optimisation (SPEC §3 steps 4-6) with the efficiencies of SPEC §5:
+the loop starts from the captured input of the first layer it needs, runs only
+the decoder layers it needs on the prefix that ends at the last visual token,
+and takes the KL from `topk_kl` on gathered unembedding rows; model weights are
+frozen for the loop.
+
+Three parts: the loss plan (what the loss reads, fixed for the loop), the step
+loop (plain gradient descent on the offsets), and the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import ops
+from ..config import ReplayConfig
+from ..models.base import ModelAdapter
+from ..models.registry import get_adapter
+from .batching import distinct_rows
+from .layers import AUTO_CHECKPOINT_TOKENS, LayerInputs, lens_params, loop_autograd, run_layers
+from .prefill import Prefill, capture_prefill
+from .results import ReplayResult, ReplayTargets
+from .validation import check_config_for, check_targets
+
+__all__ = ["optimize", "optimize_from_prefill", "LossPlan"]
+
+log = logging.getLogger("actreplay_ext")
+
+
+def optimize(rlvr: torch.nn.Module, inputs: Dict, targets: ReplayTargets,
+             config: Optional[ReplayConfig] = None) -> ReplayResult:
+    """Learn the offsets of the RLVR model's visual tokens for `inputs`."""
+    cfg = config or ReplayConfig()
+    adapter = get_adapter(rlvr, "rlvr")
+    check_config_for(adapter, cfg, "RLVR")
+    t0 = time.perf_counter()
+    pre = capture_prefill(adapter, inputs)
+    result = optimize_from_prefill(adapter, pre, targets, cfg)
+    result.timings["capture"] = result.timings.get("capture", 0.0) + time.perf_counter() - t0 - result.timings["loop"]
+    return result
+
+
+def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTargets,
+                          cfg: ReplayConfig) -> ReplayResult:
+    full_ids = pre.input_ids
+    pre, row_map = distinct_rows(pre)  # identical rows are optimised once (SPEC §5.7)
+    check_targets(targets, pre, row_map, cfg, adapter)
+    result = _optimize_distinct(adapter, pre, targets, cfg)
+    result.input_ids = full_ids
+    result.optimized_rows = pre.hidden0.shape[0]
+    if len(row_map) > pre.hidden0.shape[0]:  # broadcast to the repeated rows
+        rows = result.deltas if isinstance(result.deltas, list) else [result.deltas]
+        result.deltas = [rows[j] for j in row_map]
+        result.n_visual = [result.n_visual[j] for j in row_map]
+    return result
+
+
+@dataclasses.dataclass
+class LossPlan:
+    """What the loss reads, fixed for the whole loop: the loss layers (those >=
+    the inject layer with a selection), the flattened prefix positions of each
+    one's selected tokens, their base targets, and each selected row's weight
+    1 / (|S_l| of its prompt row [* n_visual of that row when normalising])."""
+
+    inject: int
+    published: bool  # pair the RLVR input of layer l (else its output) with the base output
+    layers: List[int]
+    positions: List[torch.Tensor]
+    target_idx: Optional[torch.Tensor] = None
+    target_logp: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+
+    @property
+    def stop(self) -> int:
+        """One past the deepest decoder layer the loop must run."""
+        if not self.layers:
+            return self.inject
+        return max(self.layers) + (0 if self.published else 1)
+
+    @classmethod
+    def build(cls, targets: ReplayTargets, flat_vis: torch.Tensor, n_visual: List[int], cfg: ReplayConfig,
+              device) -> "LossPlan":
+        layers = [l for l in range(cfg.inject_layer, cfg.layers) if targets.selected[l].numel()]
+        plan = cls(cfg.inject_layer, cfg.alignment == "published", layers,
+                   [flat_vis.index_select(0, targets.selected[l].to(flat_vis.device)) for l in layers])
+        if not layers:
+            return plan
+        B = len(n_visual)
+        row_of_token = torch.repeat_interleave(torch.arange(B), torch.tensor(n_visual)).to(device)
+        n_vis_t = torch.tensor(n_visual, dtype=torch.float32, device=device)
+        weights = []
+        for l in layers:
+            rows = row_of_token.index_select(0, targets.selected[l])
+            w = 1.0 / torch.bincount(rows, minlength=B).float().index_select(0, rows)
+            weights.append(w / n_vis_t.index_select(0, rows) if cfg.normalize else w)
+        plan.weights = torch.cat(weights)
+        plan.target_idx = torch.cat([targets.target_idx[l] for l in layers]).contiguous()
+        plan.target_logp = torch.cat([targets.target_logp[l].float() for l in layers]).contiguous()
+        return plan
+
+    def read(self, h: torch.Tensor, inputs: LayerInputs, adapter: ModelAdapter, checkpoint: bool) -> List[torch.Tensor]:
+        """Run the loop's layers on the offset input `h` [B, P, D] (the input of
+        layer `inject`) and return the RLVR activations the loss reads, one
+        [|S_l|, D] tensor per loss layer."""
+        B, P, D = h.shape
+        wanted = set(self.layers)
+        gathered: List[torch.Tensor] = []
+
+        def gather(src):
+            gathered.append(src.reshape(B * P, D).index_select(0, self.positions[len(gathered)]))
+
+        if self.published:  # r_l = input of layer l = output of layer l-1 (or the offset input)
+            if self.inject in wanted:
+                gather(h)
+            visit = lambda l, h_in, h_out: gather(h_out) if (l + 1) in wanted else None  # noqa: E731
+        else:  # r_l = output of layer l
+            visit = lambda l, h_in, h_out: gather(h_out) if l in wanted else None  # noqa: E731
+        run_layers(adapter, h, inputs, self.inject, self.stop, visit, checkpoint=checkpoint)
+        return gathered
+
+    def check_finite(self, value: float, kl: torch.Tensor, step: int) -> None:
+        if math.isfinite(value):
+            return
+        per_layer = kl.detach().split([int(p.numel()) for p in self.positions])
+        layer = next(l for l, k in zip(self.layers, per_layer) if not bool(torch.isfinite(k).all()))
+        where = "input" if self.published else "output"
+        raise FloatingPointError(
+            f"actreplay_ext: the replay loss is {value} at step {step}: the RLVR model's layer {layer} "
+            f"{where} is not finite (NaN or Inf activations); offsets discarded, model unchanged"
+        )
+
+
+def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTargets,
+                       cfg: ReplayConfig) -> ReplayResult:
+    n_visual = pre.visual_rows()
+    D = pre.hidden0.shape[-1]
+    if sum(n_visual) == 0:
+        return ReplayResult(torch.zeros(0, D), [], [0] * cfg.layers, n_visual, {"loop": 0.0},
+                            note="no visual tokens: nothing replayed", input_ids=pre.input_ids)
+    t0 = time.perf_counter()
+    P = pre.prefix_len
+    flat_vis = pre.visual[:, :P].reshape(-1).nonzero().squeeze(1).to(pre.hidden0.device)
+    inputs = pre.layers.prefix(P)
+    lens = lens_params(adapter)
+    targets = targets.to(lens[0].device)
+    plan = LossPlan.build(targets, flat_vis, n_visual, cfg, lens[0].device)
+    with torch.no_grad():  # layers before the injection point do not depend on the offsets
+        start = run_layers(adapter, pre.hidden0[:, :P].detach(), inputs, 0, cfg.inject_layer)
+    delta, losses = _descend(adapter, plan, start, flat_vis, inputs, lens, cfg)
+    deltas = delta.detach()
+    if len(n_visual) > 1:
+        deltas = list(deltas.split(n_visual))
+    return ReplayResult(deltas, losses, targets.selected_counts(), n_visual, {"loop": time.perf_counter() - t0},
+                        input_ids=pre.input_ids, inject_layer=cfg.inject_layer)
+
+
+def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vis: torch.Tensor,
+             inputs: LayerInputs, lens, cfg: ReplayConfig):
+    """Plain gradient descent on the offsets, `cfg.steps` times (SPEC §3 step 6).
+    Returns (offsets [n_visual, D] float32, the loss before each update)."""
+    B, P, D = start.shape
+    dtype = start.dtype
+    unembed, norm_w, eps = lens
+    flat_hidden = start.reshape(B * P, D).float()
+    checkpoint = cfg.checkpoint is True or (cfg.checkpoint == "auto" and B * P >= AUTO_CHECKPOINT_TOKENS)
+    delta = torch.zeros(int(flat_vis.numel()), D, dtype=torch.float32, device=start.device, requires_grad=True)
+    losses: List[float] = []
+    with loop_autograd(adapter.model):
+        for step in range(cfg.steps):
+            h = ops.replay_scatter(flat_hidden, flat_vis, delta, "add").to(dtype).view(B, P, D)
+            gathered = plan.read(h, inputs, adapter, checkpoint)
+            if not gathered:
+                losses.append(0.0)
+                continue
+            rows = torch.cat(gathered).to(unembed.device).contiguous()
+            kl = ops.topk_kl(rows, unembed, norm_w, eps, plan.target_idx, plan.target_logp)
+            loss = (kl * plan.weights).sum()
+            value = float(loss.detach())
+            plan.check_finite(value, kl, step)
+            losses.append(value)
+            log.debug("replay step %d: loss %.6g", step, value)
+            if cfg.callback is not None:
+                cfg.callback(step, value)
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta -= cfg.lr * grad
+    return delta, losses

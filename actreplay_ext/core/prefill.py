@@ -1,0 +1,100 @@
+"""The prefill as the replay loop sees it: the input of decoder layer 0 (merged
+text and vision embeddings) and what every decoder layer receives
+(`LayerInputs`), captured once per prompt so that the loop can run the
+decoder layers alone (SPEC §5.1-5.3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..models.base import BetweenLayers, LayerKwargs, ModelAdapter
+from .layers import LayerInputs
+from .reentry import internal_forward
+
+__all__ = ["Prefill", "capture_prefill", "layer_inputs", "record_layer_loop"]
+
+
+@dataclasses.dataclass
+class Prefill:
+    hidden0: torch.Tensor  # [B, T, D] input of decoder layer 0
+    layers: LayerInputs  # what the decoder layers take besides the hidden state
+    input_ids: torch.Tensor  # [B, T]
+    visual: torch.Tensor  # [B, T] bool, visual placeholder positions
+    attention_mask: Optional[torch.Tensor] = None  # [B, T] 1 = token, 0 = padding
+
+    @property
+    def prefix_len(self) -> int:
+        """Length of the prefix that ends at the last visual token of any row."""
+        cols = self.visual.any(0).nonzero()
+        return int(cols[-1]) + 1 if cols.numel() else 0
+
+    def visual_rows(self) -> List[int]:
+        return [int(n) for n in self.visual.sum(1)]
+
+
+def layer_inputs(kwargs: Dict, between: Optional[BetweenLayers] = None,
+                 per_layer: Optional[LayerKwargs] = None) -> LayerInputs:
+    """LayerInputs from a call of decoder layer 0 and the recorded layer-loop call."""
+    return LayerInputs({k: v for k, v in kwargs.items() if k != "hidden_states"}, between, per_layer)
+
+
+def record_layer_loop(adapter: ModelAdapter, store: Callable[[Optional[BetweenLayers], Optional[LayerKwargs]], None]):
+    """A forward pre-hook on the adapter's layer-loop module that hands what each
+    of its calls carries to `store(between, per_layer)`; None when the family has none."""
+    module = adapter.layer_loop_module()
+    if module is None:
+        return None
+
+    def hook(mod, args, kwargs):
+        call = adapter.layer_loop_call(args, kwargs)
+        store(adapter.between_layers_from_call(call), adapter.layer_kwargs_from_call(call))
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the forward has produced what we need."""
+
+
+def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
+    """Run `model(**inputs)` only as far as the input of decoder layer 0 (the
+    vision tower and embedding merge run; no decoder layer does) and return it.
+    The model's mutable state (e.g. Qwen's rope_deltas) is left as it was."""
+    fwd = adapter.forward_inputs(inputs)
+    fwd.pop("use_cache", None)
+    if fwd.get("input_ids") is None:
+        raise ValueError(
+            "actreplay_ext: argument 'inputs' needs 'input_ids' (the visual placeholder tokens "
+            "locate the positions to replay); got keys " + ", ".join(sorted(inputs))
+        )
+    seen: Dict = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = kwargs
+        raise _StopForward
+
+    def store(between, per_layer):
+        seen["loop"] = (between, per_layer)
+
+    state = adapter.model_state()
+    handles = [adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)]
+    try:
+        handles.append(record_layer_loop(adapter, store))
+        with torch.no_grad(), internal_forward():
+            adapter.model(**fwd, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            if handle is not None:
+                handle.remove()
+        adapter.restore_state(state)
+    if "hidden" not in seen:
+        raise RuntimeError("actreplay_ext: the forward pass never reached decoder layer 0")
+    ids = fwd["input_ids"]
+    return Prefill(seen["hidden"], layer_inputs(seen["kwargs"], *seen.get("loop", ())), ids, adapter.visual_mask(ids),
+                   fwd.get("attention_mask"))

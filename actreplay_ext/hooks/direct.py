@@ -1,0 +1,60 @@
+"""`DirectReplay`: what `patch()` installs for mode="direct" (SPEC §4). At each
+multimodal prefill both models' lens entropies decide, per layer, where the
+RLVR model's layer input is replaced by the base model's; pre-hooks on layers
+0 .. L-1 write them, from the plan kept in the forward's record."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from ..config import ReplayConfig
+from ..core import ReplayResult, check_config_for, internal_forward, plan_direct, substitute
+from ..models.registry import check_pair, get_adapter
+from .base_pass import BasePass
+from .handle import ReplayHandle, hidden_of, with_hidden
+
+__all__ = ["DirectReplay"]
+
+
+class DirectReplay(ReplayHandle):
+    def __init__(self, model, base=None, config: Optional[ReplayConfig] = None):
+        super().__init__(model)
+        self.config = config or ReplayConfig(mode="direct")
+        self.base = base
+        self._base = None
+        if base is not None:
+            base_adapter = get_adapter(base, "base")
+            check_pair(self.adapter, base_adapter)
+            check_config_for(base_adapter, self.config, "base")
+            self._base = BasePass(self.adapter, base_adapter)
+        check_config_for(self.adapter, self.config, "RLVR")
+        self._install()
+        if base is None:
+            warnings.warn("actreplay_ext.patch: mode='direct' without a base model leaves generation unchanged; "
+                          "pass base=...", stacklevel=3)
+
+    def _install_mode(self, layers) -> None:
+        for l in range(1, self.config.layers):
+            self._hook(layers[l], (lambda l: lambda mod, args, kwargs: self._on_layer(l, args, kwargs))(l))
+
+    def _at_prefill(self, rec, hidden, kwargs) -> Optional[torch.Tensor]:
+        if self._base is None:
+            return None
+        rlvr_pre = self._prefill(rec, hidden, kwargs)
+        base_pre = self._base.prefill(rec)
+        with internal_forward():
+            plan = plan_direct(self.adapter, rlvr_pre, self._base.adapter, base_pre, self.config)
+        self.last = ReplayResult(torch.zeros(0, hidden.shape[-1]), [], plan.counts,
+                                 rlvr_pre.visual.sum(1).tolist(), {}, note="direct substitution",
+                                 input_ids=rec.input_ids)
+        rec.pending = plan
+        return substitute(hidden, plan, 0)
+
+    def _on_layer(self, layer, args, kwargs):
+        rec = self._current()
+        if rec is None or rec.pending is None:
+            return None
+        return with_hidden(args, kwargs, substitute(hidden_of(args, kwargs), rec.pending, layer))

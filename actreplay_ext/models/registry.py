@@ -1,0 +1,51 @@
+"""Which adapter serves which model class: `register_adapter`, `get_adapter`,
+`supported_families`, and `check_pair` for a base/RLVR pair."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple, Type
+
+from torch import nn
+
+from .base import ModelAdapter
+
+__all__ = ["register_adapter", "get_adapter", "supported_families", "check_pair"]
+
+_REGISTRY: Dict[str, Type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: Type[ModelAdapter]) -> Type[ModelAdapter]:
+    for name in cls.model_classes:
+        _REGISTRY[name] = cls
+    return cls
+
+
+def supported_families() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model: nn.Module, argument: str = "model") -> ModelAdapter:
+    name = type(model).__name__
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise TypeError(
+            f"actreplay_ext: argument '{argument}' is a {name}, which is not a supported model family; "
+            f"supported: {', '.join(supported_families())} (see the README on adding an adapter)"
+        )
+    return cls(model)
+
+
+def check_pair(rlvr: ModelAdapter, base: ModelAdapter) -> None:
+    """Base and RLVR models must share the architecture the method relies on."""
+    checks: List[Tuple[str, object, object]] = [
+        ("hidden size", rlvr.hidden_size, base.hidden_size),
+        ("vocabulary size", rlvr.vocab_size, base.vocab_size),
+        ("number of decoder layers", rlvr.num_layers, base.num_layers),
+        ("visual token ids", rlvr.visual_token_ids(), base.visual_token_ids()),
+    ]
+    for what, a, b in checks:
+        if a != b:
+            raise ValueError(
+                f"actreplay_ext: the RLVR and base models differ in {what}: RLVR has {a}, base has {b}; "
+                "Activation Replay needs a base model and the RLVR model post-trained from it"
+            )
