@@ -22,11 +22,11 @@ except ImportError as e:  # pragma: no cover - a source tree without the build (
         "or build it in place (python setup.py build_ext --inplace)"
     ) from None
 
-from . import moved, ops, reference  # noqa: E402
-from .config import PRESETS, ReplayConfig  # noqa: E402
-from .core import ReplayResult, ReplayTargets, compute_targets, optimize  # noqa: E402
-from .hooks import ReplayHandle, apply, patch  # noqa: E402
-from .models import get_adapter, register_adapter, supported_families  # noqa: E402
+from . import moved, ops, reference
+from .config import PRESETS, ReplayConfig
+from .core import ReplayResult, ReplayTargets, compute_targets, optimize
+from .hooks import ReplayHandle, apply, patch
+from .models import get_adapter, register_adapter, supported_families
 
 moved.install()
 

@@ -86,7 +86,8 @@ def _progress_bar(cfg, quiet: bool):
 
 
 def _load_options(p):
-    p.add_argument("--dtype", default=None, help="torch dtype of the weights (default: bfloat16 on a GPU, else float32)")
+    p.add_argument("--dtype", default=None,
+                   help="torch dtype of the weights (default: bfloat16 on a GPU, else float32)")
     p.add_argument("--device-map", default=None,
                    help='where the weights go (default: "auto" with a GPU, else the CPU); any accelerate device_map')
     p.add_argument("--attn", default="sdpa", help="attention implementation: eager, sdpa or flash_attention_2")
@@ -241,7 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--base", help="base model: a local checkpoint directory (or a hub id where the network allows)")
     p.add_argument("--rlvr", required=True, help="RLVR post-trained model: a local checkpoint directory or hub id")
     p.add_argument("--image", nargs="+", metavar="FILE", help="one or more images, in prompt order")
-    p.add_argument("--video", metavar="FILE|DIR", help="a video file (needs PyAV or torchcodec) or a directory of frames")
+    p.add_argument("--video", metavar="FILE|DIR",
+                   help="a video file (needs PyAV or torchcodec) or a directory of frames")
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--preset", default="mm-eureka-7b", choices=sorted(PRESETS), help="replay configuration")
     p.add_argument("--layers", type=int, help="override the preset's replay layers (direct presets: the first N "

@@ -65,7 +65,7 @@ def _shim(old: str) -> types.ModuleType:
     def __getattr__(name):
         where = table.get(name)
         if where is None:
-            raise AttributeError(f"module {old!r} has no attribute {name!r} (the module moved; see actreplay_ext.moved)")
+            raise AttributeError(f"module {old!r} has no attribute {name!r} (it moved; see actreplay_ext.moved)")
         if where.startswith("!"):
             raise ImportError(f"{old}.{name} is gone: {where[1:]}")
         mod, attr = where.split(":")

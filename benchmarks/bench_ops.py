@@ -29,7 +29,6 @@ import actreplay_ext
 from actreplay_ext import ops
 from actreplay_ext import reference as ref
 
-
 # ------------------------------------------------------------------ measuring
 
 
@@ -172,8 +171,8 @@ def bench_select(rows, device, L, n, repeats):
     e = torch.rand(L, n, generator=g).to(device)
     cand = (torch.rand(n, generator=g) < 0.8).to(device)
     for rule, value in (("ratio", 0.4), ("topk", 0.25)):
-        cases = {"ours": lambda: ops.select_tokens(e, cand, rule, value, "high"),
-                 "oracle": lambda: ref.select_tokens(e, cand, rule, value, "high")}
+        cases = {"ours": lambda rule=rule, value=value: ops.select_tokens(e, cand, rule, value, "high"),
+                 "oracle": lambda rule=rule, value=value: ref.select_tokens(e, cand, rule, value, "high")}
         res = {k: measure(f, device, repeats) for k, f in cases.items()}
         for name, (tm, mem) in res.items():
             rows.append(dict(op=f"select_tokens {rule}/high", impl=name, device=device, dtype="float32",

@@ -29,7 +29,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import _release_free_heap, _reset_peak_rss, _rss_kib  # noqa: E402
+from bench_ops import _release_free_heap, _reset_peak_rss, _rss_kib
 
 
 def image_grid(n_visual: int):

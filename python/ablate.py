@@ -24,7 +24,6 @@ import sys
 import time
 from typing import Dict, List
 
-
 import actreplay_ext as ar
 
 

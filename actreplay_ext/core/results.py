@@ -69,7 +69,8 @@ class ReplayTargets:
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("format") != "actreplay_ext.ReplayTargets/1":
-                raise ValueError(f"ReplayTargets.load: {path!r} is not a ReplayTargets file (format {meta.get('format')!r})")
+                raise ValueError(f"ReplayTargets.load: {path!r} is not a ReplayTargets file "
+                                 f"(format {meta.get('format')!r})")
             L = int(meta["layers"])
             get = f.get_tensor
             return cls(

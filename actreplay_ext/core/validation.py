@@ -64,4 +64,5 @@ def check_targets(targets: ReplayTargets, pre: Prefill, row_map: List[int], cfg:
     got = targets.config
     diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
     if diff:
-        raise ValueError(f"actreplay_ext: the targets were computed with another configuration: {diff} (targets, config)")
+        raise ValueError(
+            f"actreplay_ext: the targets were computed with another configuration: {diff} (targets, config)")

@@ -5,6 +5,7 @@ RLVR model's layer input is replaced by the base model's; pre-hooks on layers
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -38,7 +39,7 @@ class DirectReplay(ReplayHandle):
 
     def _install_mode(self, layers) -> None:
         for l in range(1, self.config.layers):
-            self._hook(layers[l], (lambda l: lambda mod, args, kwargs: self._on_layer(l, args, kwargs))(l))
+            self._hook(layers[l], functools.partial(self._on_layer, l))
 
     def _at_prefill(self, rec, hidden, kwargs) -> Optional[torch.Tensor]:
         if self._base is None:
@@ -53,7 +54,7 @@ class DirectReplay(ReplayHandle):
         rec.pending = plan
         return substitute(hidden, plan, 0)
 
-    def _on_layer(self, layer, args, kwargs):
+    def _on_layer(self, layer, module, args, kwargs):
         rec = self._current()
         if rec is None or rec.pending is None:
             return None

@@ -15,8 +15,14 @@ import torch
 
 from .. import ops
 from ..config import ReplayConfig
-from ..core import (ReplayResult, ReplayTargets, check_config_for, internal_forward, optimize_from_prefill,
-                    targets_from_prefill)
+from ..core import (
+    ReplayResult,
+    ReplayTargets,
+    check_config_for,
+    internal_forward,
+    optimize_from_prefill,
+    targets_from_prefill,
+)
 from ..models.registry import check_pair, get_adapter
 from .base_pass import BasePass
 from .handle import ReplayHandle, hidden_of, with_hidden

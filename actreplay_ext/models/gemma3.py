@@ -66,7 +66,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .base import LayerKwargs
-from .calls import batch_dim, cache_length, prefix_layer_kwargs
+from .calls import batch_dim, cache_length, kwarg_tensors, prefix_layer_kwargs
 from .llava import LlavaAdapter
 from .matching import encoded_order, equality_classes
 from .registry import register_adapter
@@ -94,13 +94,11 @@ class LayerTypeKwargs(LayerKwargs):
         return LayerTypeKwargs(self.types, {t: prefix_layer_kwargs(kw, P) for t, kw in self.per_type.items()})
 
     def _tensors(self):
-        for t, kw in self.per_type.items():
-            for key, v in kw.items():
-                for i, x in enumerate(v if isinstance(v, (tuple, list)) else (v,)):
-                    if isinstance(x, torch.Tensor):
-                        d = batch_dim(key, x)
-                        if d is not None and x.shape[d] > 1:  # a batch dimension of 1 broadcasts
-                            yield x, d
+        for kw in self.per_type.values():
+            for key, x in kwarg_tensors(kw):
+                d = batch_dim(key, x)
+                if d is not None and x.shape[d] > 1:  # a batch dimension of 1 broadcasts
+                    yield x, d
 
     def rows(self, index: List[int]) -> "LayerTypeKwargs":
         def pick(key, v):

@@ -103,7 +103,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return self._tile // self._patch
 
     def _max_tiles(self, vision_aspect_ratio: Optional[str] = None) -> int:
-        return int((vision_aspect_ratio or self.model.config.vision_aspect_ratio).strip("anyres_max_"))
+        return int((vision_aspect_ratio or self.model.config.vision_aspect_ratio).removeprefix("anyres_max_"))
 
     def image_tokens(self) -> int:
         raise TypeError("actreplay_ext: a LLaVA-OneVision image has no fixed token count; "

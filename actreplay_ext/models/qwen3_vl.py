@@ -77,7 +77,8 @@ class Deepstack(BetweenLayers):
 
     def __init__(self, visual: torch.Tensor, embeds: Sequence[torch.Tensor]):
         if visual.dim() != 2 or visual.dtype != torch.bool:
-            raise ValueError(f"Deepstack: 'visual' must be a [B, T] bool mask, got {tuple(visual.shape)} {visual.dtype}")
+            raise ValueError(
+                f"Deepstack: 'visual' must be a [B, T] bool mask, got {tuple(visual.shape)} {visual.dtype}")
         n = int(visual.sum())
         for i, e in enumerate(embeds):
             if e.dim() != 2 or e.shape[0] != n:
