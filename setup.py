@@ -159,7 +159,7 @@ def _extras():
     return {
         "analyze": analyze,
         "video": [torchvision],
-        "test": ["pytest>=7", "hypothesis>=6", "accelerate", torchvision, *analyze],
+        "test": ["pytest>=7", "hypothesis>=6", "accelerate", "ruff>=0.17,<0.18", torchvision, *analyze],
         "flash": ["flash-attn>=2.6"],
     }
 
