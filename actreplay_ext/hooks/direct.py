@@ -13,7 +13,6 @@ import torch
 
 from ..config import ReplayConfig
 from ..core import ReplayResult, check_config_for, internal_forward, plan_direct, substitute
-from ..models.registry import check_pair, get_adapter
 from .base_pass import BasePass
 from .handle import ReplayHandle, hidden_of, with_hidden
 
@@ -25,12 +24,7 @@ class DirectReplay(ReplayHandle):
         super().__init__(model)
         self.config = config or ReplayConfig(mode="direct")
         self.base = base
-        self._base = None
-        if base is not None:
-            base_adapter = get_adapter(base, "base")
-            check_pair(self.adapter, base_adapter)
-            check_config_for(base_adapter, self.config, "base")
-            self._base = BasePass(self.adapter, base_adapter)
+        self._base = BasePass.of(self.adapter, base, self.config)
         check_config_for(self.adapter, self.config, "RLVR")
         self._install()
         if base is None:

@@ -23,7 +23,6 @@ from ..core import (
     optimize_from_prefill,
     targets_from_prefill,
 )
-from ..models.registry import check_pair, get_adapter
 from .base_pass import BasePass
 from .handle import ReplayHandle, hidden_of, with_hidden
 from .record import ForwardRecord
@@ -85,12 +84,7 @@ class TokenReplay(_OffsetsHandle):
         super().__init__(model)
         self.config = config or ReplayConfig()
         self.base = base
-        self._base = None
-        if base is not None:
-            base_adapter = get_adapter(base, "base")
-            check_pair(self.adapter, base_adapter)
-            check_config_for(base_adapter, self.config, "base")
-            self._base = BasePass(self.adapter, base_adapter)
+        self._base = BasePass.of(self.adapter, base, self.config)
         check_config_for(self.adapter, self.config, "RLVR")
         self.inject_layer = self.config.inject_layer
         self._targets = targets

@@ -1,5 +1,5 @@
 """What the engine needs from a model family: `ModelAdapter`, and the two
-kinds of per-prefill state a family's own layer loop may carry that running
+kinds of per-prefill state (`PrefillState`) a family's own layer loop may carry that running
 the decoder layers alone must reproduce (`BetweenLayers`, `LayerKwargs`).
 
 An adapter locates the text decoder layers (whose residual stream the method
@@ -18,10 +18,28 @@ from torch import nn
 from .calls import bound_kwargs
 from .matching import encoded_order
 
-__all__ = ["ModelAdapter", "BetweenLayers", "LayerKwargs"]
+__all__ = ["ModelAdapter", "PrefillState", "BetweenLayers", "LayerKwargs"]
 
 
-class BetweenLayers:
+class PrefillState:
+    """Per-prefill state of a model's layer loop that the replay carries along
+    with the captured layer-0 input: cut to a prefix, picked by batch rows,
+    compared between rows, like the prefill itself."""
+
+    def prefix(self, P: int) -> "PrefillState":
+        """The same for the prefix of the first P positions (SPEC §5.3)."""
+        return self
+
+    def rows(self, index: List[int]) -> "PrefillState":
+        """The same for batch rows `index`, in that order."""
+        return self
+
+    def same_rows(self, a: int, b: int) -> bool:
+        """Whether rows a and b carry equal state (identical rows are optimised once)."""
+        return True
+
+
+class BetweenLayers(PrefillState):
     """What a model's layer loop adds to the residual stream *between* decoder
     layers in one prefill (Qwen3-VL adds its deepstack visual features after
     its first layers). The residual stream leaving decoder layer l, h_out(l),
@@ -33,20 +51,8 @@ class BetweenLayers:
         next layer receives it. Out of place (the loop differentiates through it)."""
         return hidden
 
-    def prefix(self, P: int) -> "BetweenLayers":
-        """The same for the prefix of the first P positions (SPEC §5.3)."""
-        return self
 
-    def rows(self, index: List[int]) -> "BetweenLayers":
-        """The same for batch rows `index`, in that order."""
-        return self
-
-    def same_rows(self, a: int, b: int) -> bool:
-        """Whether rows a and b carry equal state (identical rows are optimised once)."""
-        return True
-
-
-class LayerKwargs:
+class LayerKwargs(PrefillState):
     """The keyword arguments a model's layer loop gives decoder layer l where
     they differ from layer 0's, which is all the replay captures (Gemma 3
     gives its sliding-window and full-attention layers different masks and
@@ -57,15 +63,6 @@ class LayerKwargs:
         """The keyword arguments of decoder layer `layer`, given layer 0's
         (`kwargs`, already cut to the prefix the loop runs on). Not in place."""
         return kwargs
-
-    def prefix(self, P: int) -> "LayerKwargs":
-        return self
-
-    def rows(self, index: List[int]) -> "LayerKwargs":
-        return self
-
-    def same_rows(self, a: int, b: int) -> bool:
-        return True
 
 
 class ModelAdapter:
