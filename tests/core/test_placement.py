@@ -1,6 +1,6 @@
 """Device placement on a GPU: base and RLVR on different devices, and both
 loaded with device_map="auto". Targets and offsets move to where each layer
-runs. Skipped without a GPU (the CPU device_map case is tests/test_device_map.py)."""
+runs. Skipped without a GPU (the CPU device_map case is tests/core/test_device_map.py)."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-from conftest import replay
+from helpers import replay
 
 pytest.importorskip("accelerate")
 

@@ -6,7 +6,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-from conftest import LayerBatchSizes, replay, replay_and_published
+from helpers import LayerBatchSizes, replay, replay_and_published
 
 LR = 1e-3
 

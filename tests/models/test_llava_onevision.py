@@ -9,7 +9,7 @@ import torch
 import actreplay_ext as ar
 from actreplay_ext import tiny
 from actreplay_ext.models.llava_onevision import LlavaOnevisionAdapter
-from conftest import assert_matches_published, LayerBatchSizes, replay, replay_and_published
+from helpers import assert_matches_published, LayerBatchSizes, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import torch
 from actreplay_ext import ops
 from actreplay_ext import reference as ref
 
-from conftest import TOL, rel_err
+from helpers import TOL, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -10,7 +10,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.core import capture_prefill
 from actreplay_ext.models.idefics3 import Idefics3Adapter
-from conftest import assert_matches_published, replay, replay_and_published
+from helpers import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,10 +1,11 @@
 """python/ablate.py --demo: every configuration on every built-in prompt, one table."""
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+from helpers import PYTHON_DIR
+
+sys.path.insert(0, PYTHON_DIR)
 
 import ablate  # noqa: E402
 

@@ -13,7 +13,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.core import LayerInputs, capture_prefill, distinct_rows, run_layers
 from actreplay_ext.models.qwen3_vl import Deepstack, Qwen3VLAdapter
-from conftest import assert_matches_published, LayerBatchSizes, rel_max, replay, replay_and_published
+from helpers import assert_matches_published, LayerBatchSizes, rel_max, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from actreplay_ext import ops
 from actreplay_ext import reference as ref
 
-from conftest import TOL, rel_err
+from helpers import TOL, rel_err
 
 EXAMPLES = settings(max_examples=200, deadline=None, derandomize=True)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])

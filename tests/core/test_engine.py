@@ -9,7 +9,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from conftest import assert_matches_published, replay
+from helpers import PYTHON_DIR, assert_matches_published, replay
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 LR = 1e-3  # the tiny sharpened lens: the loss falls smoothly at this rate
@@ -371,10 +371,9 @@ def test_non_finite_activations_raise_and_leave_the_model_unchanged():
 
 
 def test_two_turn_conversation_replays_each_prefill():
-    import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    sys.path.insert(0, PYTHON_DIR)
     import agent_loop
 
     base, rlvr = tiny.make_pair("qwen2_5_vl")

@@ -6,7 +6,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from conftest import replay, replay_and_published
+from helpers import replay, replay_and_published
 
 LR = 1e-3
 

@@ -8,7 +8,7 @@ import torch
 import actreplay_ext as ar
 from actreplay_ext import tiny
 from actreplay_ext.models.llava import LlavaAdapter
-from conftest import assert_matches_published, replay, replay_and_published
+from helpers import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.core import LayerInputs, capture_prefill, run_layers
 from actreplay_ext.models.gemma3 import Gemma3Adapter, LayerTypeKwargs
-from conftest import assert_matches_published, LayerBatchSizes, replay, replay_and_published
+from helpers import assert_matches_published, LayerBatchSizes, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma3ForConditionalGeneration"):

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from actreplay_ext import verify
+from helpers import PYTHON_DIR
 
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "python" / "eval_passk.py"
+SCRIPT = Path(PYTHON_DIR) / "eval_passk.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

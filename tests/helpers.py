@@ -1,0 +1,83 @@
+"""Helpers shared by the tests (a plain module: `import helpers`; tests/conftest.py
+puts tests/ on sys.path): tolerances and error measures, the parity check
+against the published loop, replay shortcuts, and the devices to run on."""
+
+import os
+
+import pytest
+import torch
+
+import actreplay_ext
+
+#: the repository root (python/ and benchmarks/ live there)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON_DIR = os.path.join(ROOT, "python")
+
+HAS_CUDA = torch.cuda.is_available() and actreplay_ext.build_info()["cuda"]
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels"),
+        ],
+    ),
+]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
+    """||out - ref|| / ||ref|| in float64. The denominator is floored at `floor`
+    so that quantities that are exactly zero compare absolutely."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / max(float(ref.norm()), floor))
+
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def assert_matches_published(result, pub, n_visual: int, hidden: int, steps: int) -> None:
+    """The engine's replay equals the published loop's: same selection (a real
+    subset at some layer), offsets within 1e-4 relative, every step's loss within
+    1e-5 relative, and a loss that falls."""
+    assert result.deltas.shape == (n_visual, hidden) and result.deltas.dtype == torch.float32
+    assert result.selected == pub["selected"]
+    assert 0 < sum(result.selected) < len(result.selected) * n_visual  # the rule picks real subsets
+    assert float(result.deltas.abs().max()) > 0
+    assert rel_max(result.deltas, pub["deltas"]) <= 1e-4
+    assert len(result.losses) == len(pub["losses"]) == steps
+    for ours, theirs in zip(result.losses, pub["losses"]):
+        assert abs(ours - theirs) <= 1e-5 * abs(theirs)
+    assert result.losses[-1] < result.losses[0]  # the loss falls
+
+
+class LayerBatchSizes:
+    """Records the batch size of every call of one decoder layer (to count how
+    many rows the replay loop optimised). Use as a context manager."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.sizes = []
+        self._hook = layer.register_forward_hook(lambda mod, args, out: self.sizes.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+        return False
+
+
+def replay(base, rlvr, inputs, cfg):
+    """The engine's replay of one prompt: base targets, then the RLVR optimisation."""
+    return actreplay_ext.optimize(rlvr, inputs, actreplay_ext.compute_targets(base, inputs, cfg), cfg)
+
+
+def replay_and_published(base, rlvr, inputs, cfg):
+    """(the engine's replay, the published loop's) on the same prompt and configuration."""
+    return replay(base, rlvr, inputs, cfg), actreplay_ext.reference.published_replay(rlvr, base, inputs, cfg)
