@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/: `import helpers` from any folder
 
-from helpers import DEVICES  # noqa: E402
+from helpers import DEVICES
 
 
 @pytest.fixture(params=DEVICES)

@@ -81,3 +81,52 @@ def replay(base, rlvr, inputs, cfg):
 def replay_and_published(base, rlvr, inputs, cfg):
     """(the engine's replay, the published loop's) on the same prompt and configuration."""
     return replay(base, rlvr, inputs, cfg), actreplay_ext.reference.published_replay(rlvr, base, inputs, cfg)
+
+
+def _not_transformers(hook) -> bool:
+    return not (getattr(hook, "__module__", None) or "").startswith("transformers.")
+
+
+def hooks_of(model: torch.nn.Module) -> int:
+    """The forward (pre-)hooks on every module of `model`: patch() adds some,
+    and after remove() (or an exception) the count must be what it was.
+    transformers' own hooks are not counted: 5.x installs output-capturing
+    hooks on some vision towers at their first forward, and keeps them."""
+    return sum(sum(map(_not_transformers, [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]))
+               for m in model.modules())
+
+
+class FirstLayer0Input:
+    """The input of decoder layer 0 at its first call (the prefill the model is
+    given; registered before patch(), it sees the input without the offsets).
+    Use as a context manager."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.hidden = None
+        layer0 = actreplay_ext.get_adapter(model).decoder_layers()[0]
+        self._hook = layer0.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, mod, args, kwargs):
+        if self.hidden is None:
+            self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+        return False
+
+
+def repeat_rows(inputs, k: int):
+    """A one-image prompt as K identical rows, as generate(num_return_sequences=K)
+    expands it: every tensor repeated k times along its first dimension (the
+    batch, or the images / pixel rows of the prompt's one image)."""
+    return {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in inputs.items()}
+
+
+def greedy_scores(model, inputs, n: int = 3):
+    """(sequences, stacked scores) of a greedy generation of n tokens."""
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.scores)
