@@ -1,98 +1,44 @@
-"""The replay engine and patch() on a tiny random Gemma 3 pair (SigLIP vision
-tower, Gemma 3 text model with alternating sliding-window and full-attention
-layers), on transformers 4.57.x and 5.x: per-layer masks and rotary tables,
-the (1 + weight) lens norm, parity with the published loop, patch()ed generate."""
+"""Gemma 3 (SigLIP vision tower, Gemma 3 text model with alternating
+sliding-window and full-attention layers) beyond what every family must
+satisfy (tests/models/test_families.py), on transformers 4.57.x and 5.x:
+per-layer masks and rotary tables, the (1 + weight) lens norm, Pass@K with
+two images, direct substitution, bfloat16."""
 
 import math
 
 import pytest
 import torch
+from helpers import LayerBatchSizes, replay
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.core import LayerInputs, capture_prefill, run_layers
-from actreplay_ext.models.gemma3 import Gemma3Adapter, LayerTypeKwargs
-from helpers import assert_matches_published, LayerBatchSizes, replay, replay_and_published
+from actreplay_ext.models.gemma3 import LayerTypeKwargs
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
     pytest.skip("this transformers has no Gemma 3", allow_module_level=True)
 
-IMAGE_TOKEN_ID, BOI_ID, EOI_ID, BOS_ID, EOS_ID, PAD_ID = 5, 3, 4, 1, 2, 0
-TOKENS_PER_IMAGE = 16  # mm_tokens_per_image: (32 / 4)^2 = 64 patches pooled 2 x 2
-IMAGE_SIZE, PATCH = 32, 4
-WINDOW = 16  # sliding window; the two-image prompt is 55 tokens, its replay prefix 45
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-LR = 1e-3
-SHARPEN = 30.0  # the ratio rule then selects real subsets (e.g. 2, 6, 16 of the 32 visual tokens)
-NOISE = 0.3
-PROJECTION_STD = 0.03  # image embeddings of about the text embeddings' size (the default init is zeros)
+FAM = tiny.FAMILIES_TINY["gemma3"]
+TOKENS_PER_IMAGE = tiny.GEMMA3_TOKENS_PER_IMAGE
+WINDOW = tiny.GEMMA3_WINDOW  # sliding window; the two-image prompt is 55 tokens, its replay prefix 45
+LAYER_TYPES = tiny.GEMMA3_LAYER_TYPES
+LR, NOISE = FAM.lr, FAM.noise
 THR = 4.0  # direct-mode entropy threshold: the mask is then E_base < E_rlvr on a real subset
-
-
-def make_model(seed=0, sharpen=SHARPEN):
-    torch.manual_seed(seed)
-    cfg = transformers.Gemma3Config(
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
-                         layer_types=LAYER_TYPES, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE_SIZE, patch_size=PATCH),
-        mm_tokens_per_image=TOKENS_PER_IMAGE, image_token_index=IMAGE_TOKEN_ID, boi_token_index=BOI_ID,
-        eoi_token_index=EOI_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model = transformers.Gemma3ForConditionalGeneration._from_config(
-        cfg, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():  # zero-initialised: every image would embed to 0
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, PROJECTION_STD)
-    return tiny.finish(model, sharpen)
 
 
 @pytest.fixture(scope="module")
 def pair():
-    base = make_model()
-    return base, tiny.perturbed_copy(base, NOISE, seed=1234)
+    return FAM.pair()
 
 
-def make_inputs(n_images=2, seed=0, token_types=True):
-    g = torch.Generator().manual_seed(seed)
-    ids = [BOS_ID] + torch.randint(10, 900, (6,), generator=g).tolist()
-    for _ in range(n_images):
-        ids += [BOI_ID] + [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE + [EOI_ID] + torch.randint(10, 900, (3,), generator=g).tolist()
-    ids += torch.randint(10, 900, (6,), generator=g).tolist()
-    input_ids = torch.tensor([ids])
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "pixel_values": torch.randn(n_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)}
-    if token_types:  # as the Gemma 3 processor returns them: 1 at image tokens
-        inputs["token_type_ids"] = (input_ids == IMAGE_TOKEN_ID).long()
-    return inputs
-
-
-def hooks_of(model):
-    mods = [model, model.model.vision_tower, model.model.language_model, *model.model.language_model.layers]
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
+def make_inputs(**kw):
+    return tiny.gemma3_inputs(None, **kw)
 
 
 def allowed(mask):
     """[..., q, k] bool: where a 4-D attention mask (bool or additive float) lets q see k."""
     return mask if mask.dtype == torch.bool else torch.isfinite(mask) & (mask == 0)
-
-
-def test_adapter_locates_the_parts(pair):
-    base, _ = pair
-    ad = ar.get_adapter(base)
-    lm = base.model.language_model
-    assert isinstance(ad, Gemma3Adapter)
-    assert "Gemma3ForConditionalGeneration" in ar.supported_families()
-    assert ad.decoder_layers() is lm.layers and ad.num_layers == 4
-    assert ad.final_norm() is lm.norm and ad.norm_eps() == pytest.approx(1e-6)
-    assert ad.unembed() is base.lm_head.weight and ad.vocab_size == 1000 and ad.hidden_size == 64
-    assert ad.vision_tower() is base.model.vision_tower
-    assert ad.visual_token_ids() == [IMAGE_TOKEN_ID] and ad.image_tokens() == TOKENS_PER_IMAGE
-    assert ad.layer_types() == LAYER_TYPES
-    # Gemma's RMSNorm scales by 1 + weight; finish() sharpened that (the weight starts at zero).
-    assert torch.allclose(ad.lens_norm_weight(), torch.full((64,), SHARPEN))
-    assert torch.allclose(lm.norm.weight, torch.full((64,), SHARPEN - 1.0))
 
 
 def test_lens_is_the_models_own_head(pair):
@@ -165,47 +111,16 @@ def test_engine_layers_equal_the_whole_model(pair, prefix):
     assert not torch.allclose(layer0_only[1], outs[1][:, :P], rtol=1e-3, atol=1e-3)  # full attention differs
 
 
-@pytest.mark.parametrize("alignment", ["published", "matched"])
-def test_optimize_matches_published_loop(pair, alignment):
-    base, rlvr = pair
-    inputs = make_inputs()
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15, alignment=alignment)
-    result, pub = replay_and_published(base, rlvr, inputs, cfg)
-
-    assert_matches_published(result, pub, n_visual=2 * TOKENS_PER_IMAGE, hidden=64, steps=15)
-
-
-@pytest.mark.parametrize("n_images", [1, 2])
-def test_patch_generate_equals_apply_optimize(pair, n_images):
-    base, rlvr = pair
-    inputs = make_inputs(n_images=n_images)
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15)
-    before = hooks_of(rlvr)
-    with ar.patch(rlvr, base=base, config=cfg) as handle:
-        assert hooks_of(rlvr) > before
-        patched = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
-        last = handle.last
-    assert hooks_of(rlvr) == before  # no hooks remain
-    result = replay(base, rlvr, inputs, cfg)
-    assert last is not None and last.replayed and sum(last.selected) > 0
-    assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
-    assert last.losses == pytest.approx(result.losses, rel=1e-6)
-    with ar.apply(rlvr, result):
-        applied = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert hooks_of(rlvr) == before
-    assert torch.equal(patched, applied)
-
-
-@pytest.mark.parametrize("n_images", [1, 2])
-def test_pass_at_k_optimises_once(pair, n_images):
+def test_pass_at_k_with_two_images(pair):
     """generate(num_return_sequences=2, do_sample=True) repeats the prompt; the
     identical rows (equal per-type masks and rotary tables included) are
     optimised once. The offsets equal optimize() on the rows the model saw:
     the prompt twice, except that 5.x generate gives a two-image prompt's rows
     the images [a, a] and [b, b] (see Gemma3Adapter.encoded_order), which the
-    base model's prompt must follow."""
+    base model's prompt must follow. (One image:
+    test_families.py::test_pass_at_k_optimises_once.)"""
     base, rlvr = pair
-    inputs = make_inputs(n_images=n_images)
+    inputs = make_inputs(n_images=2)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=5, alignment="matched")  # the loop runs layer 0 at least
     seen = []
     layer0 = rlvr.model.language_model.layers[0]  # registered before patch(): sees the input without offsets
@@ -221,14 +136,14 @@ def test_pass_at_k_optimises_once(pair, n_images):
     finally:
         hook.remove()
     assert out.shape[0] == 2 and last is not None and last.replayed
-    assert list(last.n_visual) == [n_images * TOKENS_PER_IMAGE] * 2
+    assert list(last.n_visual) == [2 * TOKENS_PER_IMAGE] * 2
 
     def rows_with(images):
         rows = {k: v.repeat(2, 1) for k, v in inputs.items() if k != "pixel_values"}
         rows["pixel_values"] = inputs["pixel_values"][images]
         return rows
 
-    candidates = [rows_with([0, 0])] if n_images == 1 else [rows_with([0, 1, 0, 1]), rows_with([0, 0, 1, 1])]
+    candidates = [rows_with([0, 1, 0, 1]), rows_with([0, 0, 1, 1])]
     prefill = seen[0]
     matching = [r for r in candidates
                 if torch.equal(capture_prefill(ar.get_adapter(rlvr), r).hidden0, prefill)]
@@ -271,7 +186,7 @@ def test_direct_mode_matches_published_direct(pair):
 def test_bfloat16_model_replays(pair):
     """The lens operators take the norm weight in the activations' dtype: a
     bfloat16 Gemma 3 gets 1 + weight rounded to bfloat16 and replays."""
-    base = make_model().to(torch.bfloat16)
+    base = FAM.model().to(torch.bfloat16)
     rlvr = tiny.perturbed_copy(base, NOISE, seed=1234)
     ad = ar.get_adapter(base)
     assert ad.lens_norm_weight().dtype == torch.bfloat16

@@ -1,133 +1,33 @@
-"""The replay engine and patch() on tiny random Idefics3 and SmolVLM pairs
-(SigLIP-like vision tower, pixel-shuffle connector, Llama text model at
-model.model.text_model): parity with the published loop, and patch()ed
-generate equal to optimize + apply, on transformers 4.57.x and 5.x."""
+"""Idefics3 and SmolVLM (SigLIP-like vision tower, pixel-shuffle connector, Llama
+text model at model.model.text_model) beyond what every family must satisfy
+(tests/models/test_families.py): Pass@K with two images, batches with padding
+images and a pixel mask, vision inputs the base model cannot be given, and
+direct substitution, on transformers 4.57.x and 5.x."""
 
 import pytest
 import torch
+from helpers import greedy_scores
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.core import capture_prefill
-from actreplay_ext.models.idefics3 import Idefics3Adapter
-from helpers import assert_matches_published, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 
-IMAGE_TOKEN_ID, FAKE_AROUND_ID, GLOBAL_IMG_ID = 990, 991, 992
-BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
-IMAGE_SIZE, PATCH, SCALE = 112, 14, 2
-TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2 // SCALE**2  # 64 patches, pixel-shuffled by 2x2: 16 tokens
-LR = 1e-3
-SHARPEN = 45.0  # the ratio rule then selects real subsets of the visual tokens
-NOISE = 0.3  # enough drift that the matched-alignment loss is not a float32 cancellation
 FAMILIES = ("idefics3", "smolvlm")
-# The random connector (a LayerNorm'd 128-wide input through one Linear) gives
-# image features ~10x the norm of the text embeddings; the decoder layers then
-# move the visual residual stream by ~3%, the base/RLVR KL is ~1e-3 and the
-# loss is float32 rounding of the top-k log-softmax. Scaled down, the features
-# are on the text embeddings' scale, as the LLaVA projector's are.
-FEATURE_SCALE = 0.05
-
-
-def make_model(family, seed=0, sharpen=SHARPEN):
-    torch.manual_seed(seed)
-    cfg_cls, model_cls = {
-        "idefics3": (transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration),
-        "smolvlm": (transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration),
-    }[family]
-    cfg = cfg_cls(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE_SIZE, patch_size=PATCH),
-        text_config=dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
-        scale_factor=SCALE, image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_ID)
-    model = model_cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():  # image features on the scale of the text embeddings, see FEATURE_SCALE
-        model.model.connector.modality_projection.proj.weight.mul_(FEATURE_SCALE)
-    return tiny.finish(model, sharpen)
+IMAGE_SIZE, PATCH = tiny.IDEFICS3_IMAGE_SIZE, tiny.IDEFICS3_PATCH
+TOKENS_PER_IMAGE = tiny.IDEFICS3_TOKENS_PER_IMAGE
+PAD_ID = tiny.PAD_ID
+LR = tiny.FAMILIES_TINY["idefics3"].lr
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request):
-    base = make_model(request.param)
-    return base, tiny.perturbed_copy(base, NOISE, seed=1234)
+    return tiny.pair(request.param)
 
 
-def image_ids():
-    """One image as the Idefics3 processor writes it: <fake_token_around_image>
-    <global-img> <image>*n <fake_token_around_image> (here plain text ids)."""
-    return [FAKE_AROUND_ID, GLOBAL_IMG_ID] + [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE + [FAKE_AROUND_ID]
-
-
-def make_inputs(n_images=2, text_len=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = [BOS_ID] + torch.randint(3, 900, (text_len // 2,), generator=g).tolist()
-    for _ in range(n_images):
-        ids += image_ids() + torch.randint(3, 900, (2,), generator=g).tolist()
-    ids += torch.randint(3, 900, (text_len - text_len // 2,), generator=g).tolist()
-    input_ids = torch.tensor([ids])
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "pixel_values": torch.randn(1, n_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)}
-
-
-def hooks_of(model):
-    mods = [model, model.model.vision_model, *model.model.text_model.layers]
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
-
-
-def test_adapter_locates_the_parts(pair):
-    base, _ = pair
-    ad = ar.get_adapter(base)
-    assert isinstance(ad, Idefics3Adapter)
-    assert {"Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"} <= set(ar.supported_families())
-    assert ad.decoder_layers() is base.model.text_model.layers and ad.num_layers == 4
-    assert ad.final_norm() is base.model.text_model.norm and ad.norm_eps() == pytest.approx(1e-6)
-    assert ad.unembed() is base.lm_head.weight and ad.vocab_size == 1000 and ad.hidden_size == 64
-    assert ad.vision_tower() is base.model.vision_model
-    assert ad.visual_token_ids() == [IMAGE_TOKEN_ID] and ad.image_tokens() == TOKENS_PER_IMAGE
-
-
-@pytest.mark.parametrize("alignment", ["published", "matched"])
-def test_optimize_matches_published_loop(pair, alignment):
-    base, rlvr = pair
-    inputs = make_inputs()
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15, alignment=alignment)
-    result, pub = replay_and_published(base, rlvr, inputs, cfg)
-
-    assert_matches_published(result, pub, n_visual=2 * TOKENS_PER_IMAGE, hidden=64, steps=15)
-
-
-def greedy_scores(model, inputs, n=3):
-    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.scores)
-
-
-def test_patch_generate_equals_optimize(pair):
-    base, rlvr = pair
-    inputs = make_inputs()
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=15)
-    before = hooks_of(rlvr)
-    with ar.patch(rlvr, base=base, config=cfg) as handle:
-        assert hooks_of(rlvr) > before
-        seq_patch, scores_patch = greedy_scores(rlvr, inputs)
-        last = handle.last
-    assert hooks_of(rlvr) == before  # no hooks remain
-    result = replay(base, rlvr, inputs, cfg)
-    assert last is not None and last.replayed
-    assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
-    assert last.losses == pytest.approx(result.losses, rel=1e-6)
-    with ar.apply(rlvr, result):
-        seq_apply, scores_apply = greedy_scores(rlvr, inputs)
-    assert hooks_of(rlvr) == before
-    _, scores_plain = greedy_scores(rlvr, inputs)
-    assert torch.equal(seq_patch, seq_apply)
-    assert torch.allclose(scores_patch, scores_apply, rtol=0, atol=1e-5)
-    # ... and the offsets do reach the generation.
-    assert float((scores_apply - scores_plain).abs().max()) > 1e-3
+def make_inputs(**kw):
+    return tiny.idefics3_inputs(None, **kw)
 
 
 def prefill_inputs(model, rows):
@@ -140,13 +40,14 @@ def prefill_inputs(model, rows):
     return model.model.text_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
 
 
-@pytest.mark.parametrize("n_images", [1, 2])
-def test_pass_at_k_optimises_once(pair, n_images):
+def test_pass_at_k_with_two_images(pair):
     """generate(num_return_sequences=2) optimises once per prompt (steps loss
     evaluations, identical rows sharing one loop row); the base model gets the
     images in the order the RLVR rows received them, which transformers 5.18
-    makes [a, a] and [b, b] for a two-image prompt (4.57: [a, b] twice)."""
+    makes [a, a] and [b, b] for a two-image prompt (4.57: [a, b] twice).
+    (One image: test_families.py::test_pass_at_k_optimises_once.)"""
     base, rlvr = pair
+    n_images = 2
     inputs = make_inputs(n_images=n_images)
     steps = []
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=5, callback=lambda step, loss: steps.append(step))
@@ -170,9 +71,7 @@ def test_pass_at_k_optimises_once(pair, n_images):
     # The rows generate gave the RLVR model, among the two orders it may use.
     pix = inputs["pixel_values"][0]
     as_given = pix.unsqueeze(0).repeat(2, 1, 1, 1, 1)
-    candidates = [as_given]
-    if n_images == 2:
-        candidates.append(torch.stack([pix[[0, 0]], pix[[1, 1]]]))
+    candidates = [as_given, torch.stack([pix[[0, 0]], pix[[1, 1]]])]
     ids = inputs["input_ids"].repeat(2, 1)
     adapter = ar.get_adapter(rlvr)
     matches = []
@@ -244,9 +143,11 @@ def test_unseen_vision_inputs_are_an_error(pair):
     a, b, c = torch.randn(3, TOKENS_PER_IMAGE, 64)
     two_rows = ids.repeat(2, 1)
     with pytest.raises(RuntimeError, match="cannot match"):
-        ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, b, c, a])}}, call)
+        ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, b, c, a])}},
+                               call)
     with pytest.raises(RuntimeError, match="image tokens"):
-        ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, a, b, b])}}, call)
+        ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, a, b, b])}},
+                               call)
     good = ad.prompt_from_forward({"input_ids": two_rows, "mm_encoder_outputs": {"image": torch.stack([a, b])}}, call)
     assert torch.equal(good["pixel_values"][:, 0], pixels) and bool(good["pixel_attention_mask"].all())
     # A text-only forward needs no pixels.

@@ -1,101 +1,35 @@
-"""The replay engine and patch() on a tiny random Qwen3-VL pair, whose text
-model adds deepstack visual features after its first decoder layers: parity
-with the published loop, the residual stream the engine reads equal to the
-whole model's, and patch()ed generate equal to optimize, on transformers
-4.57.x and 5.x."""
-
-import inspect
+"""Qwen3-VL, whose text model adds deepstack visual features after its first
+decoder layers, beyond what every family must satisfy
+(tests/models/test_families.py; Qwen3-VL-MoE is one of those families too):
+the deepstack features captured and cut, the residual stream the engine reads
+equal to the whole model's, parity on images with a video, without the
+deepstack hook, mid-replay and direct mode, Pass@K with two images, batches,
+on transformers 4.57.x and 5.x."""
 
 import pytest
 import torch
+from helpers import rel_max, replay_and_published
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
 from actreplay_ext.core import LayerInputs, capture_prefill, distinct_rows, run_layers
 from actreplay_ext.models.qwen3_vl import Deepstack, Qwen3VLAdapter
-from helpers import assert_matches_published, LayerBatchSizes, rel_max, replay, replay_and_published
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen3VLForConditionalGeneration"):
     pytest.skip("this transformers has no Qwen3-VL", allow_module_level=True)
 
-IMAGE_ID, VIDEO_ID, START_ID, END_ID = 990, 991, 992, 993
-BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
-PATCH, MERGE, TEMPORAL = 16, 2, 2
-PIXEL_DIM = 3 * TEMPORAL * PATCH * PATCH
-DEEPSTACK_FROM = [0, 2]  # vision blocks whose features are added after text layers 0 and 1
-LR = 1e-3
-SHARPEN = 30.0  # the ratio rule then selects real subsets (6-10 of the 28 visual tokens per layer)
-NOISE = 0.3  # enough drift that the matched-alignment loss is not a float32 cancellation
-IMAGES = ((8, 8), (6, 8))  # patch grids: 16 + 12 visual tokens
-
-
-def config(config_cls, **text):
-    """A tiny Qwen3-VL(-MoE) config; `text` adds text-model fields (the MoE's experts)."""
-    return config_cls(
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         rms_norm_eps=1e-6, rope_theta=10000.0,
-                         rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-                         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **text),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
-                           patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
-                           out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=DEEPSTACK_FROM),
-        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
-        vision_end_token_id=END_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-
-
-def make_model(seed=0, sharpen=SHARPEN):
-    torch.manual_seed(seed)
-    return tiny.build(transformers.Qwen3VLForConditionalGeneration, config(transformers.Qwen3VLConfig), sharpen)
+FAM = tiny.FAMILIES_TINY["qwen3_vl"]
+IMAGE_ID, VIDEO_ID, END_ID = tiny.QWEN3_IMAGE_ID, tiny.QWEN3_VIDEO_ID, tiny.QWEN3_END_ID
+DEEPSTACK_FROM = tiny.QWEN3_DEEPSTACK_FROM  # vision blocks whose features are added after text layers 0 and 1
+LR = FAM.lr
+make_inputs = tiny.qwen3_vl_inputs
+n_tokens = tiny.qwen3_vl_tokens
 
 
 @pytest.fixture(scope="module")
 def pair():
-    base = make_model()
-    return base, tiny.perturbed_copy(base, NOISE, seed=1234)
-
-
-def make_inputs(model, images=IMAGES, video=None, text_len=8, seed=0):
-    """text, then each image as <vision_start> <image>*(h*w/4) <vision_end> with
-    its own text after it, then an optional video (grid t x h x w) as Qwen3-VL
-    lays it out, each frame after a timestamp token in its own
-    <vision_start> ... <vision_end>, then text; pixel rows in item order."""
-    g = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(3, 900, (n,), generator=g).tolist()  # noqa: E731
-    ids = [BOS_ID] + text(text_len // 2)
-    for h, w in images:
-        ids += [START_ID] + [IMAGE_ID] * (h * w // MERGE**2) + [END_ID] + text(2)
-    if video is not None:
-        t, h, w = video
-        for _ in range(t):
-            ids += text(1) + [START_ID] + [VIDEO_ID] * (h * w // MERGE**2) + [END_ID]
-    ids += text(text_len - text_len // 2)
-    input_ids = torch.tensor([ids])
-    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if images:
-        out["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in images])
-        out["pixel_values"] = torch.randn(sum(h * w for h, w in images), PIXEL_DIM, generator=g)
-    if video is not None:
-        out["video_grid_thw"] = torch.tensor([list(video)])
-        out["pixel_values_videos"] = torch.randn(video[0] * video[1] * video[2], PIXEL_DIM, generator=g)
-    # transformers 5.x computes M-RoPE from mm_token_type_ids (and raises without it); 4.57 rejects it in generate.
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        mm = torch.zeros_like(input_ids, dtype=torch.int32)
-        mm[input_ids == IMAGE_ID] = 1
-        mm[input_ids == VIDEO_ID] = 2
-        out["mm_token_type_ids"] = mm
-    return out
-
-
-def n_tokens(images=IMAGES):
-    return sum(h * w // MERGE**2 for h, w in images)
-
-
-def hooks_of(model):
-    lm = model.model.language_model
-    mods = [model, model.model, model.model.visual, lm, lm.norm, *lm.layers]
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mods)
+    return FAM.pair()
 
 
 def residual_stream(model, inputs):
@@ -118,22 +52,7 @@ def residual_stream(model, inputs):
     return [seen[l] for l in range(len(readers))], out.hidden_states
 
 
-# ------------------------------------------------------------------ adapter
-
-
-def test_adapter_locates_the_parts(pair):
-    base, _ = pair
-    ad = ar.get_adapter(base)
-    assert isinstance(ad, Qwen3VLAdapter)
-    assert "Qwen3VLForConditionalGeneration" in ar.supported_families()
-    lm = base.model.language_model
-    assert ad.decoder_layers() is lm.layers and ad.num_layers == 4
-    assert ad.final_norm() is lm.norm and ad.norm_eps() == pytest.approx(1e-6)
-    assert ad.unembed() is base.lm_head.weight and ad.vocab_size == 1000 and ad.hidden_size == 64
-    assert ad.vision_tower() is base.model.visual
-    assert ad.visual_token_ids() == [IMAGE_ID, VIDEO_ID]
-    assert ad.tokens_per_item(torch.tensor([[1, 8, 8], [1, 6, 8], [2, 4, 4]])).tolist() == [16, 12, 8]
-    assert ad.layer_loop_module() is lm and ad.deepstack_layers() == 2
+# ------------------------------------------------ the deepstack features
 
 
 def test_prefill_captures_the_deepstack_features(pair):
@@ -203,17 +122,6 @@ def test_engine_reads_the_residual_stream_of_the_whole_model(pair):
             assert torch.allclose(hidden_states[l + 1], expected, rtol=0, atol=1e-5), l
 
 
-@pytest.mark.parametrize("alignment", ["published", "matched"])
-def test_optimize_matches_published_loop(pair, alignment):
-    base, rlvr = pair
-    inputs = make_inputs(base)
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=12, alignment=alignment)
-    result, pub = replay_and_published(base, rlvr, inputs, cfg)
-
-    assert_matches_published(result, pub, n_visual=n_tokens(), hidden=64, steps=12)
-    assert all(0 < s < n_tokens() for s in result.selected)  # a real subset at every layer
-
-
 def test_image_and_video_match_published_loop(pair):
     """An image and a two-frame video: the model merges their deepstack
     features into one list over all visual positions; the patched generate
@@ -230,16 +138,6 @@ def test_image_and_video_match_published_loop(pair):
     with ar.patch(rlvr, base=base, config=cfg) as handle:
         rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert torch.allclose(handle.last.deltas, result.deltas, rtol=0, atol=1e-6)
-
-
-def test_text_only_prompt_is_unchanged(pair):
-    base, rlvr = pair
-    inputs = make_inputs(base, images=[])
-    plain = rlvr.generate(**inputs, max_new_tokens=3, do_sample=False)
-    with ar.patch(rlvr, base=base, config=ar.ReplayConfig(layers=3, lr=LR, steps=2)) as handle:
-        patched = rlvr.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert torch.equal(plain, patched)
-    assert not handle.last.replayed and "no visual tokens" in handle.last.note
 
 
 def test_without_the_deepstack_hook_parity_breaks(pair, monkeypatch):
@@ -281,64 +179,7 @@ def test_direct_mode_matches_published_direct(pair):
     assert torch.allclose(logits, pub["logits"], rtol=0, atol=1e-5)
 
 
-# ----------------------------------------------------------------- patch
-
-
-def test_patch_generate_equals_optimize(pair):
-    base, rlvr = pair
-    inputs = make_inputs(base)
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=12)
-    before = hooks_of(rlvr)
-    with ar.patch(rlvr, base=base, config=cfg) as handle:
-        assert hooks_of(rlvr) > before
-        patched = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
-        last = handle.last
-    assert hooks_of(rlvr) == before  # no hooks remain
-    assert rlvr.model.rope_deltas is not None  # generate's own state, left as generate set it
-    result = replay(base, rlvr, inputs, cfg)
-    assert last is not None and last.replayed and last.n_visual == [n_tokens()]
-    assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
-    assert last.losses == pytest.approx(result.losses, rel=1e-6)
-    with ar.apply(rlvr, result):
-        applied = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert hooks_of(rlvr) == before
-    assert torch.equal(patched, applied)
-
-
-def test_apply_changes_the_prefill_as_patch_does(pair):
-    """The offsets reach the logits (so equal generations above mean something),
-    and patch() and apply() give the same prefill logits."""
-    base, rlvr = pair
-    inputs = make_inputs(base)
-    fwd = ar.get_adapter(rlvr).forward_inputs(inputs)
-    cfg = ar.ReplayConfig(layers=3, lr=0.05, steps=3)
-    result = replay(base, rlvr, inputs, cfg)
-    with torch.no_grad():
-        plain = rlvr(**fwd).logits
-        with ar.patch(rlvr, base=base, config=cfg):
-            patched = rlvr(**fwd).logits
-        with ar.apply(rlvr, result):
-            applied = rlvr(**fwd).logits
-    assert torch.allclose(applied, patched, rtol=0, atol=1e-5)
-    assert float((applied - plain).abs().max()) > 1e-3
-
-
-def test_pass_at_k_sampling_optimises_once(pair):
-    base, rlvr = pair
-    inputs = make_inputs(base, images=[(8, 8)])
-    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=4)
-    with LayerBatchSizes(rlvr.model.language_model.layers[1]) as calls, ar.patch(rlvr, base=base, config=cfg) as handle:
-        torch.manual_seed(0)
-        out = rlvr.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2)
-    batch_sizes = calls.sizes
-    last = handle.last
-    assert out.shape[0] == 2 and last.replayed and last.n_visual == [16, 16]
-    assert last.optimized_rows == 1 and len(last.deltas) == 2 and torch.equal(last.deltas[0], last.deltas[1])
-    # The replay loop ran layer 1 once per step on one row; generate ran it on 2.
-    assert batch_sizes.count(1) == cfg.steps and set(batch_sizes) == {1, 2}
-    # ... and gave the offsets of the prompt alone.
-    alone = replay(base, rlvr, inputs, cfg)
-    assert torch.allclose(last.deltas[0], alone.deltas, rtol=0, atol=1e-6)
+# ---------------------------------------------------------- Pass@K, batches
 
 
 def test_pass_at_k_with_two_images(pair):
