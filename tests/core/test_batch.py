@@ -3,10 +3,10 @@ identical rows optimised once (Pass@K sampling), and the sdpa attention path."""
 
 import pytest
 import torch
+from helpers import LayerBatchSizes, replay, replay_and_published
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-from helpers import LayerBatchSizes, replay, replay_and_published
 
 LR = 1e-3
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import replay
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-from helpers import replay
 
 pytest.importorskip("accelerate")
 

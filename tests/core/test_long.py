@@ -3,10 +3,10 @@ checkpointing that changes memory, not results."""
 
 import pytest
 import torch
+from helpers import replay
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-from helpers import replay
 
 
 def _kib(field):

@@ -3,10 +3,10 @@ published loop extended to it, and the role swap."""
 
 import pytest
 import torch
+from helpers import replay, replay_and_published
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from helpers import replay, replay_and_published
 
 LR = 1e-3
 

@@ -3,12 +3,12 @@
 selection invariants."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from helpers import TOL, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actreplay_ext import ops
 from actreplay_ext import reference as ref
-
-from helpers import TOL, rel_err
 
 EXAMPLES = settings(max_examples=200, deadline=None, derandomize=True)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])

@@ -3,11 +3,10 @@ registrations (opcheck) and their argument errors, on CPU and (when present) CUD
 
 import pytest
 import torch
+from helpers import TOL, rel_err
 
 from actreplay_ext import ops
 from actreplay_ext import reference as ref
-
-from helpers import TOL, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -173,7 +172,8 @@ def test_lens_entropy_float64(device):
 def make_kl(m, v, d, k, dtype, device, seed, norm=True, with_zero_p=False):
     hidden, unembed, weight = make_lens(m, v, d, dtype, device, seed, norm)
     g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(m)]) if m else torch.empty(0, k, dtype=torch.long)
+    idx = (torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(m)]) if m
+           else torch.empty(0, k, dtype=torch.long))
     logp = torch.log_softmax(torch.randn(m, k, generator=g) * 2, dim=-1)
     if with_zero_p and m and k > 1:
         logp[:, -1] = float("-inf")
@@ -182,8 +182,8 @@ def make_kl(m, v, d, k, dtype, device, seed, norm=True, with_zero_p=False):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(0, 10, 8, 3), (1, 5, 8, 1), (7, 1000, 64, 50), (300, 32003, 200, 50), (5, 1000, 8, 1000)],
-                         ids=lambda s: "M%d-V%d-D%d-k%d" % s)
+@pytest.mark.parametrize("shape", [(0, 10, 8, 3), (1, 5, 8, 1), (7, 1000, 64, 50), (300, 32003, 200, 50),
+                                   (5, 1000, 8, 1000)], ids=lambda s: "M%d-V%d-D%d-k%d" % s)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
 def test_topk_kl_matches_oracle(device, dtype, shape, norm):
     m, v, d, k = shape
@@ -313,7 +313,8 @@ def _opcheck_cases(device):
         (torch.ops.actreplay.topk_kl.default, (hd, U.double(), None, 1e-6, idx, lp.double())),
         (torch.ops.actreplay.topk_kl_backward.default, (torch.ones(6, device=device), h, U, w, 1e-6, idx, lp)),
         (torch.ops.actreplay.replay_scatter.default,
-         (h.clone().requires_grad_(), torch.tensor([1, 3], device=device), torch.randn(2, 16, device=device, requires_grad=True), "add")),
+         (h.clone().requires_grad_(), torch.tensor([1, 3], device=device),
+          torch.randn(2, 16, device=device, requires_grad=True), "add")),
         (torch.ops.actreplay.replay_scatter.default,
          (h, torch.tensor([4, 0], device=device), torch.randn(2, 16, device=device), "replace")),
         (torch.ops.actreplay.select_tokens.default,

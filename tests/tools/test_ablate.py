@@ -7,7 +7,7 @@ from helpers import PYTHON_DIR
 
 sys.path.insert(0, PYTHON_DIR)
 
-import ablate  # noqa: E402
+import ablate
 
 
 def test_ablate_demo_writes_the_table(tmp_path, capsys):

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PYTHON_DIR
 
 from actreplay_ext import verify
-from helpers import PYTHON_DIR
 
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 
