@@ -387,3 +387,18 @@ def test_text_only_prompt_is_unchanged(pairs, name):
         out = rlvr.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(plain, out)
     assert handle.last is not None and not handle.last.replayed and "no visual tokens" in handle.last.note
+
+
+# ------------------------------------------------------------ the registry
+
+
+def test_tiny_registry_builds_the_demo_pair():
+    """tiny.pair() of a Qwen family is tiny.make_pair()'s pair, bit for bit; the
+    old names stay; an unknown family is a clear error."""
+    assert tiny.FAMILIES == ("qwen2_vl", "qwen2_5_vl") and set(tiny.FAMILIES) <= set(FAMILIES)
+    for ours, demo in zip(tiny.pair("qwen2_5_vl"), tiny.make_pair("qwen2_5_vl")):
+        a, b = ours.state_dict(), demo.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(tiny.available_families()) <= set(FAMILIES)
+    with pytest.raises(ValueError, match="unknown tiny family 'x'; registered: qwen2_vl, qwen2_5_vl, llava"):
+        tiny.pair("x")
