@@ -16,6 +16,7 @@ from .batching import distinct_rows
 from .layers import lens_params, run_layers
 from .prefill import Prefill, capture_prefill
 from .results import ReplayTargets
+from .shared import evaluating
 from .validation import check_config_for, model_info, target_config
 
 __all__ = ["compute_targets", "targets_from_prefill", "select"]
@@ -55,7 +56,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         top_vals.append(vals)
         top_idx.append(idx)
 
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(adapter.model):
         run_layers(adapter, pre.hidden0[:, :P], pre.layers.prefix(P), 0, cfg.layers, lens)
     entropy = torch.stack(entropies)  # [L, n_total]
     bad = (~torch.isfinite(entropy)).any(1).nonzero()
