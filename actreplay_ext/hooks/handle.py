@@ -177,23 +177,33 @@ class ReplayHandle:
                               "pass input_ids")
         visual = self.adapter.visual_mask(ids)
         n = int(visual.sum())
-        if n == 0 or not self.adapter.has_visual_input(rec.kwargs, rec.vision_calls):
-            if rec.cache_len:
+        brings_images = self.adapter.has_visual_input(rec.kwargs, rec.vision_calls)
+        if n == 0 or not brings_images:
+            # Over a cache: a decode step, unless several new tokens hold visual ones (a prompt's rest over a
+            # prefix cache, whose images transformers 4.57 generate does not even pass on).
+            if rec.cache_len and (n == 0 or ids.shape[1] == 1):
                 return "decode"
+            if rec.cache_len:
+                return self._over_cache(ids)
             note = "no visual tokens: nothing replayed" if n == 0 else \
                 "visual placeholder tokens without images or videos (no pixels, features or vision-tower call): " \
                 "nothing replayed"
             return self._skip(note, rows=ids.shape[0])
         encoded = self.adapter.encoded_visual_rows(rec.kwargs)
-        if rec.cache_len or (encoded is not None and encoded > n):
-            return self._skip(
-                "a multimodal prefill over a KV cache: nothing replayed",
-                warn="a forward brought visual tokens over a non-empty KV cache or as one chunk of a longer "
-                     "prompt (generate(prefill_chunk_size=...), prefix caching, or a continuation passed the "
-                     "previous past_key_values), and the replay needs the whole prompt in one forward: nothing was "
-                     "replayed; generate without prefill_chunk_size and pass the whole conversation without a cache",
-                rows=ids.shape[0])
+        recorded = self.adapter.recorded_visual_tokens(rec.vision_calls) if rec.vision_calls else None
+        partial = (encoded is not None and encoded > n) or (bool(recorded) and (n < recorded or n % recorded))
+        if rec.cache_len or partial:
+            return self._over_cache(ids)
         return "prefill"
+
+    def _over_cache(self, ids) -> str:
+        return self._skip(
+            "a multimodal prefill over a KV cache: nothing replayed",
+            warn="a forward brought visual tokens over a non-empty KV cache or as one chunk of a longer "
+                 "prompt (generate(prefill_chunk_size=...), prefix caching, or a continuation passed the "
+                 "previous past_key_values), and the replay needs the whole prompt in one forward: nothing was "
+                 "replayed; generate without prefill_chunk_size and pass the whole conversation without a cache",
+            rows=ids.shape[0])
 
     def _skip(self, note: str, warn: Optional[str] = None, rows: int = 0) -> str:
         self.last = ReplayResult(torch.zeros(0, 0), [], [0] * self.layers_of_result, [0] * rows, {}, note=note)

@@ -180,6 +180,13 @@ class ModelAdapter:
                     rows += entry.numel() // max(entry.shape[-1], 1)
         return rows
 
+    def recorded_visual_tokens(self, vision_calls: List) -> Optional[int]:
+        """How many placeholder tokens the images and videos of these vision-tower
+        calls fill, or None when it cannot be told from the calls alone. A
+        forward whose ids hold fewer (or not a whole multiple, as repeated rows
+        of Pass@K give) is one chunk of a longer prompt."""
+        return None
+
     def prompt_kwargs(self, kwargs: Dict) -> Dict:
         """The keywords of a forward call that describe the prompt (`prompt_keys`, not None)."""
         return {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}
