@@ -160,6 +160,33 @@ torch.library.register_autograd(
 )
 
 
+def _topk_kl_double_backward(ctx, grad_grad_hidden):
+    raise RuntimeError(
+        "actreplay.topk_kl: double backward (a gradient of its gradient, create_graph=True) is not "
+        "implemented; the replay needs first derivatives only"
+    )
+
+
+# Its backward op records a node that refuses a second derivative, instead of none (a silent zero).
+torch.library.register_autograd(
+    "actreplay::topk_kl_backward", _topk_kl_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
+def _lens_entropy_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _lens_entropy_backward(ctx, *grads):
+    return None, None, None, None, None
+
+
+# Not differentiable: the outputs never claim requires_grad, whatever the inputs.
+torch.library.register_autograd(
+    "actreplay::lens_entropy", _lens_entropy_backward, setup_context=_lens_entropy_setup
+)
+
+
 def _replay_scatter_setup(ctx, inputs, output):
     hidden, positions, values, mode = inputs
     ctx.save_for_backward(positions)

@@ -67,7 +67,8 @@ def lens_entropy(
     logits = lens_logits(hidden, unembed, norm_weight, eps)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse[:, None]
-    entropy = -(logp.exp() * logp).sum(-1)
+    # A -inf logit has probability 0 and adds 0 (not 0 * -inf); a +inf one makes the row NaN, as in torch.
+    entropy = -torch.where(logp == -math.inf, 0.0, logp.exp() * logp).sum(-1)
     vals, idx = topk_desc_lower_index(logits, topk)
     return entropy, lse, vals, idx
 
@@ -78,8 +79,11 @@ def _layer_values(value: Union[float, Sequence[float]], L: int) -> list:
 
 
 def _count_for(value: float, n_cand: int) -> int:
-    c = value if value >= 1 else math.floor(value * n_cand)
-    return min(int(c), n_cand)
+    """A count (value >= 1, floored) or a fraction of n_cand, clamped to [0, n_cand]; NaN picks none."""
+    c = math.floor(value) if value >= 1 else value * n_cand
+    if c != c or c <= 0:
+        return 0
+    return n_cand if c >= n_cand else int(math.floor(c))
 
 
 def select_tokens(
