@@ -139,7 +139,7 @@ class ReplayHandle:
             return None
         kwargs = bound_kwargs(module.forward, args, kwargs)
         rec = ForwardRecord(kwargs, kwargs.get("input_ids"), cache_length(kwargs), [])
-        self._records.begin(rec)
+        self._records.begin(rec, claims=self.adapter.has_visual_input(kwargs, []))
         if self._classify(rec) == "prefill":
             self._prepare(rec)
         return None

@@ -104,7 +104,7 @@ class TokenReplay(_OffsetsHandle):
             self.last = memory.result  # the same prompt with more text, without a cache: the same offsets
             return memory.result.flat_deltas()
         encoded = rec.kwargs.get("mm_encoder_outputs")
-        if not rec.vision_calls and memory is not None and encoded is not None and encoded is memory.encoded:
+        if not rec.vision_calls and memory is not None and memory.encodes(encoded):
             rec.vision_calls = memory.vision_calls  # the same encoded images once more
         targets = self._targets_for(rec)
         if targets is None:

@@ -41,6 +41,22 @@ class Remembered:
     vision_calls: List  # the vision-tower calls of its prompt
     encoded: Any = None  # the encoded features its forward was given (transformers 5.x), by identity
 
+    def encodes(self, encoded) -> bool:
+        """`encoded` holds the very feature tensors the remembered prompt's forward was given
+        (generate hands a copy of its dict to each forward, and to an assistant model)."""
+        if not isinstance(encoded, dict) or not isinstance(self.encoded, dict) or set(encoded) != set(self.encoded):
+            return False
+
+        def tensors(out):
+            pooled = getattr(out, "pooler_output", out)
+            return list(pooled) if isinstance(pooled, (list, tuple)) else [pooled]
+
+        for key, out in encoded.items():
+            a, b = tensors(out), tensors(self.encoded[key])
+            if len(a) != len(b) or any(x is not y for x, y in zip(a, b)):
+                return False
+        return True
+
     def extended_by(self, ids: torch.Tensor, hidden0: torch.Tensor, visual: torch.Tensor) -> bool:
         """`ids` is longer than the remembered prompt and starts with it, its
         layer-0 input starts with the remembered one, and it has no visual
@@ -62,9 +78,12 @@ class Records:
         self._local = threading.local()
         self._epoch = 0  # forget(): memories of every thread from before are void
 
-    def begin(self, record: ForwardRecord) -> None:
-        record.vision_calls = self.unclaimed() + record.vision_calls
-        self._local.unclaimed = []
+    def begin(self, record: ForwardRecord, claims: bool) -> None:
+        """Start `record`; a forward that brings visual input (`claims`) takes the
+        vision-tower calls made before it (an assistant model's text-only pass does not)."""
+        if claims:
+            record.vision_calls = self.unclaimed() + record.vision_calls
+            self._local.unclaimed = []
         self._local.current = record  # replaces anything a BaseException left behind
 
     def end(self) -> None:

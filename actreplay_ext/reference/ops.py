@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = ["rms_norm", "lens_logits", "topk_desc_lower_index", "lens_entropy", "select_tokens", "replay_scatter",
-           "topk_kl"]
+           "topk_kl", "topk_logp"]
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -145,3 +145,15 @@ def topk_kl(
     p = lp.exp()
     terms = torch.where(p > 0, p * (lp - q), torch.zeros_like(q))
     return terms.sum(-1)
+
+
+def topk_logp(
+    hidden: torch.Tensor,
+    unembed: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    target_idx: torch.Tensor,
+) -> torch.Tensor:
+    """``log_softmax`` of the logit lens gathered at ``target_idx`` (full logits first)."""
+    logits = lens_logits(hidden, unembed, norm_weight, eps)
+    return torch.log_softmax(logits.gather(1, target_idx), dim=-1)
