@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 __all__ = ["ReplayConfig", "PRESETS", "DIRECT_THRESHOLDS"]
@@ -53,35 +55,35 @@ class ReplayConfig:
     callback: Optional[Callable[[int, float], None]] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
-        if self.mode == "direct" and self.thresholds is None:
-            self.thresholds = list(DIRECT_THRESHOLDS)
-        if self.layers is None:
-            self.layers = len(self.thresholds) if self.mode == "direct" else 16
         for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise ValueError(
                     f"ReplayConfig: '{name}' must be one of {', '.join(map(repr, choices))}, "
                     f"got {getattr(self, name)!r}"
                 )
-        if self.checkpoint not in (True, False, "auto"):
+        if self.mode == "direct" and self.thresholds is None:
+            self.thresholds = list(DIRECT_THRESHOLDS)
+        if self.layers is None:
+            self.layers = len(self.thresholds) if self.mode == "direct" else 16
+        _integer("layers", self.layers, 1)
+        _integer("topv", self.topv, 1)
+        _integer("steps", self.steps, 1)
+        _integer("inject_layer", self.inject_layer, 0)
+        _real("lr", self.lr, 0.0)
+        _real("entropy_threshold", self.entropy_threshold, 0.0)
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"ReplayConfig: 'normalize' must be True or False, got {self.normalize!r}")
+        if not any(self.checkpoint is c for c in (True, False)) and self.checkpoint != "auto":
             raise ValueError(f"ReplayConfig: 'checkpoint' must be True, False or 'auto', got {self.checkpoint!r}")
-        if not isinstance(self.layers, int) or self.layers < 1:
-            raise ValueError(f"ReplayConfig: 'layers' must be an int >= 1, got {self.layers!r}")
-        if not isinstance(self.topv, int) or self.topv < 1:
-            raise ValueError(f"ReplayConfig: 'topv' must be an int >= 1, got {self.topv!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"ReplayConfig: 'steps' must be an int >= 1, got {self.steps!r}")
-        if not (self.lr >= 0):
-            raise ValueError(f"ReplayConfig: 'lr' must be >= 0, got {self.lr!r}")
-        if not (self.entropy_threshold >= 0):
+        if self.callback is not None and not callable(self.callback):
+            raise ValueError(f"ReplayConfig: 'callback' must be callable(step, loss) or None, got {self.callback!r}")
+        if self.inject_layer >= self.layers:
             raise ValueError(
-                f"ReplayConfig: 'entropy_threshold' must be >= 0, got {self.entropy_threshold!r}"
+                f"ReplayConfig: 'inject_layer' must be an int in [0, layers={self.layers}), got {self.inject_layer!r}"
             )
-        if not isinstance(self.inject_layer, int) or not 0 <= self.inject_layer < self.layers:
-            raise ValueError(
-                f"ReplayConfig: 'inject_layer' must be an int in [0, layers={self.layers}), "
-                f"got {self.inject_layer!r}"
-            )
+        if self.mode == "direct" and self.inject_layer:
+            raise ValueError(f"ReplayConfig: 'inject_layer' ({self.inject_layer}) applies to mode='tokens'; "
+                             "mode='direct' substitutes at the input of every replay layer")
         if self.rule == "topk":
             k = self.topk_tokens
             if k is None or isinstance(k, bool) or not (
@@ -93,11 +95,13 @@ class ReplayConfig:
                 )
         if self.rule == "absolute" or self.mode == "direct":
             t = self.thresholds
-            if t is None or len(t) != self.layers:
+            if not isinstance(t, (list, tuple)) or len(t) != self.layers:
                 raise ValueError(
                     f"ReplayConfig: rule='absolute' and mode='direct' need 'thresholds', one float per "
                     f"replay layer ({self.layers}), got {t!r}"
                 )
+            for i, x in enumerate(t):
+                _real(f"thresholds[{i}]", x, None)
             self.thresholds = [float(x) for x in t]
 
     def selection_value(self, n_visual: int):
@@ -117,6 +121,19 @@ class ReplayConfig:
                 f"ReplayConfig.preset: unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}"
             )
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _integer(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"ReplayConfig: '{name}' must be an int >= {lo}, got {value!r}")
+
+
+def _real(name: str, value, lo: Optional[float]) -> None:
+    """A finite real number (not a bool), >= lo when lo is given."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (lo is not None and value < lo):
+        what = f"be >= {lo:g} and finite" if lo is not None else "be a finite number"
+        raise ValueError(f"ReplayConfig: '{name}' must {what}, got {value!r}")
 
 
 #: Per-layer absolute thresholds of the published direct substitution (layers 0-6).

@@ -14,7 +14,7 @@ import torch
 
 import actreplay_ext._C  # noqa: F401  (registers torch.ops.actreplay)
 
-__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl"]
+__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl", "topk_logp"]
 
 _ops = torch.ops.actreplay
 
@@ -77,8 +77,22 @@ def topk_kl(
     target_logp: torch.Tensor,
 ) -> torch.Tensor:
     """Per-row ``sum_j p_j (log p_j - log_softmax(z[target_idx])_j)``, ``p = exp(target_logp)``,
-    from the ``k`` gathered unembedding rows only. Differentiable in ``hidden``."""
+    from the ``k`` gathered unembedding rows only. Differentiable in ``hidden``; the
+    gradient takes each row of ``p`` to sum to 1 (log-probabilities, as targets are)."""
     return _ops.topk_kl(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)
+
+
+def topk_logp(
+    hidden: torch.Tensor,
+    unembed: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    target_idx: torch.Tensor,
+) -> torch.Tensor:
+    """``log_softmax(z[target_idx])`` per row ``[M, k]`` (float32; float64 for float64
+    inputs), computed exactly as ``topk_kl`` computes it: targets made from the
+    same rows give a KL of exactly 0 and a gradient of exactly 0. Not differentiable."""
+    return _ops.topk_logp(hidden, unembed, norm_weight, float(eps), target_idx)
 
 
 # ---------------------------------------------------------------- fake tensors
@@ -114,6 +128,12 @@ def _replay_scatter_fake(hidden, positions, values, mode):
 def _topk_kl_fake(hidden, unembed, norm_weight, eps, target_idx, target_logp):
     torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
     return hidden.new_empty((hidden.shape[0],), dtype=_result_dtype(hidden))
+
+
+@torch.library.register_fake("actreplay::topk_logp")
+def _topk_logp_fake(hidden, unembed, norm_weight, eps, target_idx):
+    torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
+    return hidden.new_empty(tuple(target_idx.shape), dtype=_result_dtype(hidden))
 
 
 @torch.library.register_fake("actreplay::topk_kl_backward")
@@ -157,6 +177,36 @@ def _topk_kl_backward(ctx, grad_kl):
 
 torch.library.register_autograd(
     "actreplay::topk_kl", _topk_kl_backward, setup_context=_topk_kl_setup
+)
+
+
+def _topk_kl_double_backward(ctx, grad_grad_hidden):
+    raise RuntimeError(
+        "actreplay.topk_kl: double backward (a gradient of its gradient, create_graph=True) is not "
+        "implemented; the replay needs first derivatives only"
+    )
+
+
+# Its backward op records a node that refuses a second derivative, instead of none (a silent zero).
+torch.library.register_autograd(
+    "actreplay::topk_kl_backward", _topk_kl_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
+def _lens_entropy_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _lens_entropy_backward(ctx, *grads):
+    return None, None, None, None, None
+
+
+# Not differentiable: the outputs never claim requires_grad, whatever the inputs.
+torch.library.register_autograd(
+    "actreplay::lens_entropy", _lens_entropy_backward, setup_context=_lens_entropy_setup
+)
+torch.library.register_autograd(
+    "actreplay::topk_logp", lambda ctx, grad: (None,) * 5, setup_context=_lens_entropy_setup
 )
 
 

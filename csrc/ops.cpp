@@ -53,6 +53,16 @@ at::Tensor topk_kl(const at::Tensor& hidden, const at::Tensor& unembed,
   return topk_kl_cpu(hidden, unembed, norm_weight, eps, target_idx, target_logp);
 }
 
+at::Tensor topk_logp(const at::Tensor& hidden, const at::Tensor& unembed,
+                     const c10::optional<at::Tensor>& norm_weight, double eps,
+                     const at::Tensor& target_idx) {
+  validate_topk_logp(hidden, unembed, norm_weight, eps, target_idx, "topk_logp");
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda()) return topk_logp_cuda(hidden, unembed, norm_weight, eps, target_idx);
+#endif
+  return topk_logp_cpu(hidden, unembed, norm_weight, eps, target_idx);
+}
+
 at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& hidden,
                             const at::Tensor& unembed,
                             const c10::optional<at::Tensor>& norm_weight, double eps,
@@ -88,6 +98,9 @@ TORCH_LIBRARY(actreplay, m) {
       "topk_kl(Tensor hidden, Tensor unembed, Tensor? norm_weight, float eps, "
       "Tensor target_idx, Tensor target_logp) -> Tensor");
   m.def(
+      "topk_logp(Tensor hidden, Tensor unembed, Tensor? norm_weight, float eps, "
+      "Tensor target_idx) -> Tensor");
+  m.def(
       "topk_kl_backward(Tensor grad_kl, Tensor hidden, Tensor unembed, Tensor? norm_weight, "
       "float eps, Tensor target_idx, Tensor target_logp) -> Tensor");
 }
@@ -97,6 +110,7 @@ TORCH_LIBRARY_IMPL(actreplay, CPU, m) {
   m.impl("select_tokens", &select_tokens);
   m.impl("replay_scatter", &replay_scatter);
   m.impl("topk_kl", &topk_kl);
+  m.impl("topk_logp", &topk_logp);
   m.impl("topk_kl_backward", &topk_kl_backward);
 }
 
@@ -106,6 +120,7 @@ TORCH_LIBRARY_IMPL(actreplay, CUDA, m) {
   m.impl("select_tokens", &select_tokens);
   m.impl("replay_scatter", &replay_scatter);
   m.impl("topk_kl", &topk_kl);
+  m.impl("topk_logp", &topk_logp);
   m.impl("topk_kl_backward", &topk_kl_backward);
 }
 #endif

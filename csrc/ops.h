@@ -16,6 +16,9 @@ namespace actreplay {
 void validate_lens_entropy(const at::Tensor& hidden, const at::Tensor& unembed,
                            const c10::optional<at::Tensor>& norm_weight,
                            double eps, int64_t topk);
+void validate_topk_logp(const at::Tensor& hidden, const at::Tensor& unembed,
+                        const c10::optional<at::Tensor>& norm_weight, double eps,
+                        const at::Tensor& target_idx, const char* op);
 void validate_topk_kl(const at::Tensor& hidden, const at::Tensor& unembed,
                       const c10::optional<at::Tensor>& norm_weight, double eps,
                       const at::Tensor& target_idx, const at::Tensor& target_logp);
@@ -44,6 +47,9 @@ at::Tensor select_tokens_cpu(const at::Tensor& entropy, const at::Tensor& candid
                              const std::string& side);
 at::Tensor replay_scatter_cpu(const at::Tensor& hidden, const at::Tensor& positions,
                               const at::Tensor& values, const std::string& mode);
+at::Tensor topk_logp_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
+                         const c10::optional<at::Tensor>& norm_weight, double eps,
+                         const at::Tensor& target_idx);
 at::Tensor topk_kl_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
                        const c10::optional<at::Tensor>& norm_weight, double eps,
                        const at::Tensor& target_idx, const at::Tensor& target_logp);
@@ -63,6 +69,9 @@ at::Tensor select_tokens_cuda(const at::Tensor& entropy, const at::Tensor& candi
                               const std::string& side);
 at::Tensor replay_scatter_cuda(const at::Tensor& hidden, const at::Tensor& positions,
                                const at::Tensor& values, const std::string& mode);
+at::Tensor topk_logp_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
+                          const c10::optional<at::Tensor>& norm_weight, double eps,
+                          const at::Tensor& target_idx);
 at::Tensor topk_kl_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
                         const c10::optional<at::Tensor>& norm_weight, double eps,
                         const at::Tensor& target_idx, const at::Tensor& target_logp);

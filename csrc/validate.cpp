@@ -108,24 +108,28 @@ void validate_lens_entropy(const at::Tensor& hidden, const at::Tensor& unembed,
                     V, ", got topk = ", topk);
 }
 
+void validate_topk_logp(const at::Tensor& hidden, const at::Tensor& unembed,
+                        const c10::optional<at::Tensor>& norm_weight, double eps,
+                        const at::Tensor& target_idx, const char* op) {
+  check_lens(op, hidden, unembed, norm_weight, eps);
+  check_tensor(op, "target_idx", target_idx, 2);
+  TORCH_CHECK_TYPE(target_idx.scalar_type() == at::kLong, "actreplay.", op,
+                   ": argument 'target_idx' must be int64, got ", target_idx.scalar_type());
+  check_device(op, "target_idx", target_idx, "hidden", hidden);
+  TORCH_CHECK_VALUE(target_idx.size(0) == hidden.size(0), "actreplay.", op,
+                    ": argument 'target_idx' must be [M, k] with M = hidden.size(0) = ",
+                    hidden.size(0), ", got shape ", target_idx.sizes());
+  TORCH_CHECK_VALUE(target_idx.size(1) >= 1, "actreplay.", op,
+                    ": argument 'target_idx' must have k >= 1 columns, got shape ",
+                    target_idx.sizes());
+  check_index_range(target_idx, unembed.size(0), op, "target_idx", "V");
+}
+
 void validate_topk_kl(const at::Tensor& hidden, const at::Tensor& unembed,
                       const c10::optional<at::Tensor>& norm_weight, double eps,
                       const at::Tensor& target_idx, const at::Tensor& target_logp) {
   const char* op = "topk_kl";
-  check_lens(op, hidden, unembed, norm_weight, eps);
-  check_tensor(op, "target_idx", target_idx, 2);
-  TORCH_CHECK_TYPE(target_idx.scalar_type() == at::kLong,
-                   "actreplay.topk_kl: argument 'target_idx' must be int64, got ",
-                   target_idx.scalar_type());
-  check_device(op, "target_idx", target_idx, "hidden", hidden);
-  TORCH_CHECK_VALUE(target_idx.size(0) == hidden.size(0),
-                    "actreplay.topk_kl: argument 'target_idx' must be [M, k] with M = "
-                    "hidden.size(0) = ",
-                    hidden.size(0), ", got shape ", target_idx.sizes());
-  TORCH_CHECK_VALUE(target_idx.size(1) >= 1,
-                    "actreplay.topk_kl: argument 'target_idx' must have k >= 1 columns, got "
-                    "shape ",
-                    target_idx.sizes());
+  validate_topk_logp(hidden, unembed, norm_weight, eps, target_idx, op);
   check_tensor(op, "target_logp", target_logp, 2);
   TORCH_CHECK_TYPE(
       target_logp.scalar_type() == at::kFloat || target_logp.scalar_type() == at::kDouble,
@@ -145,7 +149,6 @@ void validate_topk_kl(const at::Tensor& hidden, const at::Tensor& unembed,
                       "actreplay.topk_kl: argument 'target_logp' must hold log-probabilities "
                       "(finite or -inf), found NaN or +inf");
   }
-  check_index_range(target_idx, unembed.size(0), op, "target_idx", "V");
 }
 
 void validate_replay_scatter(const at::Tensor& hidden, const at::Tensor& positions,

@@ -20,6 +20,7 @@ from ..config import ReplayConfig
 from ..models.base import ModelAdapter
 from .layers import lens_params, run_layers
 from .prefill import Prefill
+from .shared import evaluating
 
 __all__ = ["DirectPlan", "plan_direct", "substitute"]
 
@@ -49,7 +50,7 @@ def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: b
         rows = h_out.reshape(-1, h_out.shape[-1]).to(unembed.device).contiguous()
         entropies.append(ops.lens_entropy(rows, unembed, norm_w, eps, 0)[0])
 
-    with torch.no_grad():  # the full prompt, without a cache
+    with torch.no_grad(), evaluating(adapter.model):  # the full prompt, without a cache
         run_layers(adapter, pre.hidden0, pre.layers.prefix(pre.hidden0.shape[1]), 0, L, lens)
     return torch.stack(entropies), inputs
 

@@ -6,16 +6,19 @@ analysis and the tests."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.utils.checkpoint
 
-from ..models.base import BetweenLayers, LayerKwargs, ModelAdapter
+from ..models.base import BetweenLayers, LayerKwargs, ModelAdapter, PrefillState
 from ..models.calls import batch_dim, layer_output, prefix_layer_kwargs
+from .shared import evaluating
 
-__all__ = ["LayerInputs", "run_layers", "lens_params", "loop_autograd", "AUTO_CHECKPOINT_TOKENS"]
+__all__ = ["LayerInputs", "run_layers", "lens_params", "loop_autograd", "no_inference_mode", "normal_tensors",
+           "AUTO_CHECKPOINT_TOKENS"]
 
 #: Prefix length from which checkpoint="auto" recomputes layers in the backward.
 AUTO_CHECKPOINT_TOKENS = 4096
@@ -98,22 +101,34 @@ def lens_params(adapter: ModelAdapter):
 @contextlib.contextmanager
 def loop_autograd(model: torch.nn.Module) -> Iterator[None]:
     """The autograd scope of the replay loop: gradients on, outside inference
-    mode, with the model's weights taking no part (SPEC §5.6; flags restored)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad(), _no_inference_mode():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    mode, the model in eval mode with its weights taking no part (SPEC §5.6;
+    `shared.evaluating`)."""
+    with evaluating(model), torch.enable_grad(), no_inference_mode():
+        yield
 
 
 @contextlib.contextmanager
-def _no_inference_mode() -> Iterator[None]:
+def no_inference_mode() -> Iterator[None]:
+    """Leave `torch.inference_mode` (autograd cannot record inside it)."""
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
             yield
     else:
         yield
+
+
+def normal_tensors(x):
+    """`x` (a tensor, or dicts, lists, tuples, dataclasses and PrefillStates of
+    them) with inference tensors cloned into normal ones, which autograd may
+    save for the backward; call outside inference mode. Other values unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, dict):
+        return {k: normal_tensors(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(normal_tensors(v) for v in x)
+    if isinstance(x, PrefillState) or dataclasses.is_dataclass(x) and not isinstance(x, type):
+        out = copy.copy(x)
+        out.__dict__.update({k: normal_tensors(v) for k, v in vars(x).items()})
+        return out
+    return x

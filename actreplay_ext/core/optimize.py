@@ -22,7 +22,15 @@ from ..config import ReplayConfig
 from ..models.base import ModelAdapter
 from ..models.registry import get_adapter
 from .batching import distinct_rows
-from .layers import AUTO_CHECKPOINT_TOKENS, LayerInputs, lens_params, loop_autograd, run_layers
+from .layers import (
+    AUTO_CHECKPOINT_TOKENS,
+    LayerInputs,
+    lens_params,
+    loop_autograd,
+    no_inference_mode,
+    normal_tensors,
+    run_layers,
+)
 from .prefill import Prefill, capture_prefill
 from .results import ReplayResult, ReplayTargets
 from .validation import check_config_for, check_targets
@@ -50,7 +58,8 @@ def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTa
     full_ids = pre.input_ids
     pre, row_map = distinct_rows(pre)  # identical rows are optimised once (SPEC §5.7)
     check_targets(targets, pre, row_map, cfg, adapter)
-    result = _optimize_distinct(adapter, pre, targets, cfg)
+    with no_inference_mode():  # a prefill or targets made under inference mode: tensors autograd may save
+        result = _optimize_distinct(adapter, normal_tensors(pre), normal_tensors(targets), cfg)
     result.input_ids = full_ids
     result.optimized_rows = pre.hidden0.shape[0]
     if len(row_map) > pre.hidden0.shape[0]:  # broadcast to the repeated rows
@@ -123,6 +132,14 @@ class LossPlan:
         run_layers(adapter, h, inputs, self.inject, self.stop, visit, checkpoint=checkpoint)
         return gathered
 
+    def check_update(self, delta: torch.Tensor, step: int) -> None:
+        """The offsets after step `step`'s update are finite (a huge lr, a huge gradient)."""
+        if not bool(torch.isfinite(delta).all()):
+            raise FloatingPointError(
+                f"actreplay_ext: the offsets are not finite after the update of step {step} (lr too large, or "
+                "non-finite gradients); offsets discarded, model unchanged"
+            )
+
     def check_finite(self, value: float, kl: torch.Tensor, step: int) -> None:
         if math.isfinite(value):
             return
@@ -189,4 +206,5 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 delta -= cfg.lr * grad
+            plan.check_update(delta, step)
     return delta, losses

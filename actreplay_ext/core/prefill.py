@@ -6,6 +6,7 @@ decoder layers alone (SPEC §5.1-5.3)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from ..models.base import BetweenLayers, LayerKwargs, ModelAdapter
 from .layers import LayerInputs
 from .reentry import internal_forward
+from .shared import evaluating, model_lock
 
 __all__ = ["Prefill", "capture_prefill", "layer_inputs", "record_layer_loop"]
 
@@ -41,16 +43,19 @@ def layer_inputs(kwargs: Dict, between: Optional[BetweenLayers] = None,
     return LayerInputs({k: v for k, v in kwargs.items() if k != "hidden_states"}, between, per_layer)
 
 
-def record_layer_loop(adapter: ModelAdapter, store: Callable[[Optional[BetweenLayers], Optional[LayerKwargs]], None]):
+def record_layer_loop(adapter: ModelAdapter, store: Callable[[Optional[BetweenLayers], Optional[LayerKwargs]], None],
+                      active: Callable[[], bool] = lambda: True):
     """A forward pre-hook on the adapter's layer-loop module that hands what each
-    of its calls carries to `store(between, per_layer)`; None when the family has none."""
+    of its calls carries to `store(between, per_layer)` whenever `active()`;
+    None when the family has none."""
     module = adapter.layer_loop_module()
     if module is None:
         return None
 
     def hook(mod, args, kwargs):
-        call = adapter.layer_loop_call(args, kwargs)
-        store(adapter.between_layers_from_call(call), adapter.layer_kwargs_from_call(call))
+        if active():
+            call = adapter.layer_loop_call(args, kwargs)
+            store(adapter.between_layers_from_call(call), adapter.layer_kwargs_from_call(call))
 
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -71,28 +76,31 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
             "locate the positions to replay); got keys " + ", ".join(sorted(inputs))
         )
     seen: Dict = {}
+    me = threading.get_ident()  # the hooks act for this capture only, not another thread's forward
 
     def grab(module, args, kwargs):
-        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-        seen["kwargs"] = kwargs
-        raise _StopForward
+        if threading.get_ident() == me:
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            seen["kwargs"] = kwargs
+            raise _StopForward
 
     def store(between, per_layer):
         seen["loop"] = (between, per_layer)
 
-    state = adapter.model_state()
-    handles = [adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)]
-    try:
-        handles.append(record_layer_loop(adapter, store))
-        with torch.no_grad(), internal_forward():
-            adapter.model(**fwd, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            if handle is not None:
-                handle.remove()
-        adapter.restore_state(state)
+    with model_lock(adapter.model), evaluating(adapter.model):
+        state = adapter.model_state()
+        handles = [adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)]
+        try:
+            handles.append(record_layer_loop(adapter, store, lambda: threading.get_ident() == me))
+            with torch.no_grad(), internal_forward():
+                adapter.model(**fwd, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                if handle is not None:
+                    handle.remove()
+            adapter.restore_state(state)
     if "hidden" not in seen:
         raise RuntimeError("actreplay_ext: the forward pass never reached decoder layer 0")
     ids = fwd["input_ids"]

@@ -64,23 +64,85 @@ class ReplayTargets:
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "ReplayTargets":
-        from safetensors import safe_open
+        """Read a file written by `save`, checking every field against the others
+        (shapes, dtypes, index ranges, `topv`, log-distributions, metadata); a
+        bad file is a ValueError naming the file and the field."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "actreplay_ext.ReplayTargets/1":
-                raise ValueError(f"ReplayTargets.load: {path!r} is not a ReplayTargets file "
-                                 f"(format {meta.get('format')!r})")
-            L = int(meta["layers"])
-            get = f.get_tensor
-            return cls(
-                input_ids=get("input_ids"), n_visual=json.loads(meta["n_visual"]), entropy=get("entropy"),
-                selected=[get(f"selected.{l}") for l in range(L)],
-                target_idx=[get(f"target_idx.{l}") for l in range(L)],
-                target_logp=[get(f"target_logp.{l}") for l in range(L)],
-                config=json.loads(meta["config"]), row_map=json.loads(meta.get("row_map", "null")),
-                model=json.loads(meta.get("model", "null")),
-            )
+        def bad(field, problem):
+            return ValueError(f"ReplayTargets.load: {path!r}: {field} {problem}")
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "actreplay_ext.ReplayTargets/1":
+                    raise ValueError(f"ReplayTargets.load: {path!r} is not a ReplayTargets file "
+                                     f"(format {meta.get('format')!r})")
+                fields = {}
+                for key in ("layers", "n_visual", "config", "row_map", "model"):
+                    try:
+                        fields[key] = json.loads(meta.get(key, "null"))
+                    except ValueError as e:
+                        raise bad(f"metadata '{key}'", f"is not JSON ({e})") from None
+                L = fields["layers"]
+                if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+                    raise bad("metadata 'layers'", f"must be an int >= 1, got {L!r}")
+                names = ["input_ids", "entropy"] + [f"{k}.{l}" for l in range(L)
+                                                    for k in ("selected", "target_idx", "target_logp")]
+                missing = [n for n in names if n not in f.keys()]
+                if missing:
+                    raise bad("tensor", f"{missing[0]!r} is missing (the metadata says {L} layers)")
+                t = {n: f.get_tensor(n) for n in names}
+        except SafetensorError as e:
+            raise ValueError(f"ReplayTargets.load: {path!r} is not a readable safetensors file ({e})") from None
+        targets = cls(input_ids=t["input_ids"], n_visual=fields["n_visual"], entropy=t["entropy"],
+                      selected=[t[f"selected.{l}"] for l in range(L)],
+                      target_idx=[t[f"target_idx.{l}"] for l in range(L)],
+                      target_logp=[t[f"target_logp.{l}"] for l in range(L)],
+                      config=fields["config"], row_map=fields["row_map"], model=fields["model"])
+        _check_consistent(targets, bad)
+        return targets.to(device)
+
+
+def _check_consistent(t: "ReplayTargets", bad) -> None:
+    """Every field of loaded targets agrees with the others; `bad(field, problem)` makes the error."""
+    cfg, L = t.config, t.layers
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("topv"), int) or cfg["topv"] < 1:
+        raise bad("metadata 'config'", f"must hold an int 'topv' >= 1, got {cfg!r}")
+    if cfg.get("layers") != L:
+        raise bad("metadata 'layers'", f"({L}) disagrees with config layers ({cfg.get('layers')!r})")
+    ids = t.input_ids
+    if ids.dim() != 2 or ids.dtype != torch.long:
+        raise bad("'input_ids'", f"must be [B, T] int64, got {tuple(ids.shape)} {ids.dtype}")
+    nv = t.n_visual
+    if not isinstance(nv, list) or len(nv) != ids.shape[0] or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in nv):
+        raise bad("metadata 'n_visual'", f"must list {ids.shape[0]} visual-token counts (one per row), got {nv!r}")
+    n_total = sum(nv)
+    if t.row_map is not None and (not isinstance(t.row_map, list) or any(
+            isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < ids.shape[0] for r in t.row_map)):
+        raise bad("metadata 'row_map'", f"must map rows to distinct rows in [0, {ids.shape[0]}), got {t.row_map!r}")
+    if t.entropy.shape != (L, n_total) or t.entropy.dtype != torch.float32:
+        raise bad("'entropy'", f"must be [{L}, {n_total}] float32, got {tuple(t.entropy.shape)} {t.entropy.dtype}")
+    vocab = (t.model or {}).get("vocab_size") if isinstance(t.model, dict) else None
+    k = cfg["topv"]
+    for l in range(L):
+        sel, idx, logp = t.selected[l], t.target_idx[l], t.target_logp[l]
+        if sel.dim() != 1 or sel.dtype != torch.long:
+            raise bad(f"'selected.{l}'", f"must be 1-D int64, got {tuple(sel.shape)} {sel.dtype}")
+        if sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= n_total or bool((sel[1:] <= sel[:-1]).any())):
+            raise bad(f"'selected.{l}'", f"must hold increasing indices in [0, {n_total}) (the visual tokens)")
+        m = sel.numel()
+        if idx.shape != (m, k) or idx.dtype != torch.long:
+            raise bad(f"'target_idx.{l}'", f"must be [{m}, topv={k}] int64, got {tuple(idx.shape)} {idx.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or (vocab is not None and int(idx.max()) >= vocab)):
+            raise bad(f"'target_idx.{l}'", f"must hold vocabulary indices in [0, {vocab})")
+        if logp.shape != (m, k) or not logp.is_floating_point():
+            raise bad(f"'target_logp.{l}'", f"must be [{m}, topv={k}] float, got {tuple(logp.shape)} {logp.dtype}")
+        if logp.numel():
+            total = torch.logsumexp(logp.double(), -1)
+            if bool(torch.isnan(logp).any()) or bool((logp > 1e-6).any()) or float(total.abs().max()) > 1e-4:
+                raise bad(f"'target_logp.{l}'", "must hold log-probabilities (<= 0, each row's exp summing to 1)")
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ from .batching import distinct_rows
 from .layers import lens_params, run_layers
 from .prefill import Prefill, capture_prefill
 from .results import ReplayTargets
+from .shared import evaluating
 from .validation import check_config_for, model_info, target_config
 
 __all__ = ["compute_targets", "targets_from_prefill", "select"]
@@ -46,16 +47,19 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         return _empty(pre, n_visual, row_map, cfg, adapter)
     unembed, norm_w, eps = lens_params(adapter)
     flat_vis = pre.visual[:, :P].reshape(-1).nonzero().squeeze(1)
-    entropies, top_vals, top_idx = [], [], []
+    entropies, top_logp, top_idx = [], [], []
 
     def lens(l, h_in, h_out):  # base side: h_out(l) at every visual token
         rows = h_out.reshape(-1, h_out.shape[-1]).index_select(0, flat_vis.to(h_out.device))
-        ent, _, vals, idx = ops.lens_entropy(rows.to(unembed.device).contiguous(), unembed, norm_w, eps, cfg.topv)
+        rows = rows.to(unembed.device).contiguous()
+        ent, _, _, idx = ops.lens_entropy(rows, unembed, norm_w, eps, cfg.topv)
         entropies.append(ent)
-        top_vals.append(vals)
         top_idx.append(idx)
+        # The renormalised top-topv distribution, by the arithmetic the loss (topk_kl) uses: a model
+        # replayed against an exact copy of itself then has loss 0 and offsets that stay 0.
+        top_logp.append(ops.topk_logp(rows, unembed, norm_w, eps, idx))
 
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(adapter.model):
         run_layers(adapter, pre.hidden0[:, :P], pre.layers.prefix(P), 0, cfg.layers, lens)
     entropy = torch.stack(entropies)  # [L, n_total]
     bad = (~torch.isfinite(entropy)).any(1).nonzero()
@@ -70,7 +74,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         sel = selected_mask[l].nonzero().squeeze(1)
         selected.append(sel)
         t_idx.append(top_idx[l].index_select(0, sel))
-        t_logp.append(torch.log_softmax(top_vals[l].index_select(0, sel), dim=-1))
+        t_logp.append(top_logp[l].index_select(0, sel))
     return ReplayTargets(pre.input_ids.cpu(), n_visual, entropy, selected, t_idx, t_logp, target_config(cfg),
                          row_map, model_info(adapter))
 

@@ -1,10 +1,12 @@
 """`DirectReplay`: what `patch()` installs for mode="direct" (SPEC §4). At each
-multimodal prefill both models' lens entropies decide, per layer, where the
-RLVR model's layer input is replaced by the base model's; pre-hooks on layers
-0 .. L-1 write them, from the plan kept in the forward's record."""
+multimodal prefill, before the model's forward, both models' lens entropies
+decide per layer where the RLVR model's layer input is replaced by the base
+model's; pre-hooks on layers 0 .. L-1 write them, from the plan kept in the
+forward's record."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Optional
@@ -22,7 +24,8 @@ __all__ = ["DirectReplay"]
 class DirectReplay(ReplayHandle):
     def __init__(self, model, base=None, config: Optional[ReplayConfig] = None):
         super().__init__(model)
-        self.config = config or ReplayConfig(mode="direct")
+        self.config = dataclasses.replace(config) if config is not None else ReplayConfig(mode="direct")
+        self.layers_of_result = self.config.layers
         self.base = base
         self._base = BasePass.of(self.adapter, base, self.config)
         check_config_for(self.adapter, self.config, "RLVR")
@@ -32,21 +35,20 @@ class DirectReplay(ReplayHandle):
                           "pass base=...", stacklevel=3)
 
     def _install_mode(self, layers) -> None:
-        for l in range(1, self.config.layers):
+        for l in range(self.config.layers):
             self._hook(layers[l], functools.partial(self._on_layer, l))
 
-    def _at_prefill(self, rec, hidden, kwargs) -> Optional[torch.Tensor]:
+    def _prepare(self, rec) -> None:
         if self._base is None:
-            return None
-        rlvr_pre = self._prefill(rec, hidden, kwargs)
+            return
+        rlvr_pre = self._capture(rec)
         base_pre = self._base.prefill(rec)
         with internal_forward():
             plan = plan_direct(self.adapter, rlvr_pre, self._base.adapter, base_pre, self.config)
-        self.last = ReplayResult(torch.zeros(0, hidden.shape[-1]), [], plan.counts,
+        self.last = ReplayResult(torch.zeros(0, rlvr_pre.hidden0.shape[-1]), [], plan.counts,
                                  rlvr_pre.visual.sum(1).tolist(), {}, note="direct substitution",
                                  input_ids=rec.input_ids)
         rec.pending = plan
-        return substitute(hidden, plan, 0)
 
     def _on_layer(self, layer, module, args, kwargs):
         rec = self._current()

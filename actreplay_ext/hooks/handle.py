@@ -2,34 +2,47 @@
 lifecycle, and the per-forward record they share.
 
 Hooks on the model, all removed by `remove()`:
-  * a forward pre-hook on the model starts the forward's `ForwardRecord`
-    (its prompt, and whether it is a prefill: an empty KV cache), and a forward
-    hook (`always_call=True`) drops it when the forward ends, also by an exception;
+  * a forward pre-hook on the model starts the forward's `ForwardRecord` and
+    decides what the forward is by what it brings (`_classify`): a multimodal
+    prefill (visual placeholder tokens and their images or videos, no KV
+    cache) is prepared there, before the model's forward starts, so that the
+    library's own forwards never run inside it (where transformers' output
+    collectors would record them); a forward hook (`always_call=True`) drops
+    the record when the forward ends, also by an exception;
   * a forward pre-hook on the vision tower records its calls (transformers 5.x
     encodes images in `generate` before the first forward and passes only the
     features, so the base model's pixels are recovered from here);
   * for families whose layer loop carries per-prefill state (Qwen3-VL's
     deepstack features, Gemma 3's per-type masks), a forward pre-hook on the
     module that receives it records it in the forward's record;
-  * a forward pre-hook on decoder layer 0 hands each prefill's layer-0 input to
-    the mode (`_at_prefill`), which may return it changed;
-  * whatever else the mode needs (`_install_mode`).
+  * the mode's pre-hooks on decoder layers, which apply what was prepared.
 Forwards the library runs itself (`core.internal_forward`) are left alone.
+A model has at most one live handle: patching it again is an error.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Optional
+import weakref
+from typing import Dict, Optional
 
 import torch
 
-from ..core import Prefill, ReplayResult, in_internal_forward, layer_inputs, record_layer_loop
-from ..models.calls import cache_length
+from ..core import Prefill, ReplayResult, capture_prefill, in_internal_forward, internal_forward, record_layer_loop
+from ..models.calls import CACHE_KWARGS, bound_kwargs, cache_length
 from ..models.registry import get_adapter
 from .record import ForwardRecord, Records
 
 __all__ = ["ReplayHandle", "with_hidden", "hidden_of"]
+
+#: The live handle of each patched model.
+_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, ReplayHandle]" = weakref.WeakKeyDictionary()
+_LIVE_LOCK = threading.Lock()
+
+#: Forward arguments that do not describe the prompt (a capture runs without a cache and outputs).
+_NOT_PROMPT = (*CACHE_KWARGS, "use_cache", "cache_position", "logits_to_keep", "return_dict", "labels",
+               "output_attentions", "output_hidden_states")
 
 
 def hidden_of(args, kwargs) -> torch.Tensor:
@@ -46,7 +59,9 @@ def with_hidden(args, kwargs, hidden):
 
 class ReplayHandle:
     """The installed hooks of one patched model. Use as a context manager or
-    call `remove()`. `last` is the ReplayResult of the latest prompt."""
+    call `remove()`. `last` is the ReplayResult (or note) of the latest prompt."""
+
+    layers_of_result = 0  # replay layers, for the notes of prompts that are not replayed
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -54,9 +69,22 @@ class ReplayHandle:
         self.last: Optional[ReplayResult] = None
         self._records = Records()
         self._handles = []
+        self._warned = set()
+
+    def __repr__(self):
+        state = "active" if self.active else "removed"
+        return f"<{type(self).__name__} on {type(self.model).__name__} at {id(self.model):#x}, {state}>"
 
     # ------------------------------------------------------------ lifecycle
     def _install(self) -> "ReplayHandle":
+        with _LIVE_LOCK:
+            live = _LIVE.get(self.model)
+            if live is not None and live.active:
+                raise RuntimeError(
+                    f"actreplay_ext: this {type(self.model).__name__} already has a live replay handle, {live!r}; "
+                    "call its remove() (or leave its with-block) before patch()/apply() again"
+                )
+            _LIVE[self.model] = self
         try:
             model = self.model
             self._handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
@@ -64,11 +92,9 @@ class ReplayHandle:
             tower = self.adapter.vision_tower()
             if tower is not None:
                 self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
-            loop = record_layer_loop(self.adapter, self._on_layer_loop)
+            loop = record_layer_loop(self.adapter, self._on_layer_loop, lambda: self._current() is not None)
             if loop is not None:
                 self._handles.append(loop)
-            layer0 = self.adapter.decoder_layers()[0]
-            self._handles.append(layer0.register_forward_pre_hook(self._on_layer0, with_kwargs=True))
             self._install_mode(self.adapter.decoder_layers())
         except Exception:
             self.remove()
@@ -76,7 +102,7 @@ class ReplayHandle:
         return self
 
     def _install_mode(self, layers) -> None:
-        """Hooks of the mode beyond layer 0's."""
+        """Hooks of the mode on the decoder layers."""
 
     def _hook(self, module: torch.nn.Module, fn) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
@@ -86,11 +112,14 @@ class ReplayHandle:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._records.clear()
+        self._records.forget()
+        with _LIVE_LOCK:
+            if _LIVE.get(self.model) is self:
+                del _LIVE[self.model]
 
     def reset(self) -> None:
-        """Forget per-conversation state (recorded vision inputs, `last`)."""
-        self._records.clear()
+        """Forget per-conversation state (recorded vision inputs, remembered prompts, `last`)."""
+        self._records.forget()
         self.last = None
 
     def __enter__(self):
@@ -108,8 +137,11 @@ class ReplayHandle:
     def _begin(self, module, args, kwargs):
         if in_internal_forward():
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._records.begin(ForwardRecord(kwargs, ids, cache_length(kwargs) == 0, []))
+        kwargs = bound_kwargs(module.forward, args, kwargs)
+        rec = ForwardRecord(kwargs, kwargs.get("input_ids"), cache_length(kwargs), [])
+        self._records.begin(rec, claims=self.adapter.has_visual_input(kwargs, []))
+        if self._classify(rec) == "prefill":
+            self._prepare(rec)
         return None
 
     def _end(self, module, args, kwargs, output):
@@ -123,34 +155,69 @@ class ReplayHandle:
         return None
 
     def _on_layer_loop(self, between, per_layer):
-        rec = self._records.current()
-        if rec is not None and not in_internal_forward():
+        rec = self._current()
+        if rec is not None:
             rec.between, rec.per_layer = between, per_layer
-
-    def _on_layer0(self, module, args, kwargs):
-        rec = self._records.current()
-        if in_internal_forward() or rec is None or rec.handled or not rec.prefill:
-            return None
-        rec.handled = True
-        if rec.input_ids is None:
-            # Without ids the visual positions are unknown: say so rather than
-            # generate without replay in silence.
-            self.last = ReplayResult(torch.zeros(0, 0), [], [], [], {}, note="no input_ids: nothing replayed")
-            warnings.warn("actreplay_ext: a prefill came without input_ids (inputs_embeds only), so the "
-                          "visual positions are unknown and nothing was replayed; pass input_ids", stacklevel=2)
-            return None
-        new = self._at_prefill(rec, hidden_of(args, kwargs), kwargs)
-        return None if new is None else with_hidden(args, kwargs, new)
-
-    def _at_prefill(self, rec: ForwardRecord, hidden: torch.Tensor, kwargs) -> Optional[torch.Tensor]:
-        """The mode's work at a prefill: the new layer-0 input, or None to keep it."""
-        return None
-
-    def _prefill(self, rec: ForwardRecord, hidden: torch.Tensor, kwargs) -> Prefill:
-        """This forward's prefill, from its layer-0 call and its record."""
-        return Prefill(hidden.detach(), layer_inputs(kwargs, rec.between, rec.per_layer), rec.input_ids,
-                       self.adapter.visual_mask(rec.input_ids), rec.kwargs.get("attention_mask"))
 
     def _current(self) -> Optional[ForwardRecord]:
         """The running forward's record, outside the library's own forwards."""
         return None if in_internal_forward() else self._records.current()
+
+    # ------------------------------------------------------ what a forward is
+    def _classify(self, rec: ForwardRecord) -> str:
+        """"prefill" (replay it), "decode", or a prompt that is not replayed (with a note and, where something
+        the user may not expect happened, one warning per handle and kind)."""
+        ids = rec.input_ids
+        if ids is None:
+            if rec.cache_len:
+                return "decode"
+            # Without ids the visual positions are unknown: say so rather than generate without replay in silence.
+            return self._skip("no input_ids: nothing replayed", warn="a prefill came without input_ids "
+                              "(inputs_embeds only), so the visual positions are unknown and nothing was replayed; "
+                              "pass input_ids")
+        visual = self.adapter.visual_mask(ids)
+        n = int(visual.sum())
+        brings_images = self.adapter.has_visual_input(rec.kwargs, rec.vision_calls)
+        if n == 0 or not brings_images:
+            # Over a cache: a decode step, unless several new tokens hold visual ones (a prompt's rest over a
+            # prefix cache, whose images transformers 4.57 generate does not even pass on).
+            if rec.cache_len and (n == 0 or ids.shape[1] == 1):
+                return "decode"
+            if rec.cache_len:
+                return self._over_cache(ids)
+            note = "no visual tokens: nothing replayed" if n == 0 else \
+                "visual placeholder tokens without images or videos (no pixels, features or vision-tower call): " \
+                "nothing replayed"
+            return self._skip(note, rows=ids.shape[0])
+        encoded = self.adapter.encoded_visual_rows(rec.kwargs)
+        recorded = self.adapter.recorded_visual_tokens(rec.vision_calls) if rec.vision_calls else None
+        partial = (encoded is not None and encoded > n) or (bool(recorded) and (n < recorded or n % recorded))
+        if rec.cache_len or partial:
+            return self._over_cache(ids)
+        return "prefill"
+
+    def _over_cache(self, ids) -> str:
+        return self._skip(
+            "a multimodal prefill over a KV cache: nothing replayed",
+            warn="a forward brought visual tokens over a non-empty KV cache or as one chunk of a longer "
+                 "prompt (generate(prefill_chunk_size=...), prefix caching, or a continuation passed the "
+                 "previous past_key_values), and the replay needs the whole prompt in one forward: nothing was "
+                 "replayed; generate without prefill_chunk_size and pass the whole conversation without a cache",
+            rows=ids.shape[0])
+
+    def _skip(self, note: str, warn: Optional[str] = None, rows: int = 0) -> str:
+        self.last = ReplayResult(torch.zeros(0, 0), [], [0] * self.layers_of_result, [0] * rows, {}, note=note)
+        if warn is not None and warn not in self._warned:
+            self._warned.add(warn)
+            warnings.warn(f"actreplay_ext: {warn}", stacklevel=4)
+        return "skip"
+
+    def _prepare(self, rec: ForwardRecord) -> None:
+        """The mode's work at a multimodal prefill, before the model's forward; it
+        leaves what the decoder-layer hooks apply in `rec.pending`."""
+
+    def _capture(self, rec: ForwardRecord) -> Prefill:
+        """This forward's prefill, as the model is about to build it (a capture)."""
+        inputs: Dict = {k: v for k, v in rec.kwargs.items() if k not in _NOT_PROMPT and v is not None}
+        with internal_forward():
+            return capture_prefill(self.adapter, inputs)

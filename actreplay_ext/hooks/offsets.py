@@ -1,15 +1,16 @@
 """The two modes that add learned offsets to the visual tokens at a prefill:
 `TokenReplay` (what `patch()` installs for mode="tokens": the replay runs at
 each multimodal prefill, against a base model or fixed targets) and
-`FixedOffsets` (what `apply()` installs: one result's offsets). The offsets go
-to the input of layer `inject_layer` (0 unless a mid replay), in the same
-forward: a pre-hook there takes them from the forward's record."""
+`FixedOffsets` (what `apply()` installs: one result's offsets, for its prompt
+only). The offsets are prepared before the forward and added to the input of
+layer `inject_layer` (0 unless a mid replay) by a pre-hook there."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -25,7 +26,7 @@ from ..core import (
 )
 from .base_pass import BasePass
 from .handle import ReplayHandle, hidden_of, with_hidden
-from .record import ForwardRecord
+from .record import ForwardRecord, Remembered
 
 __all__ = ["TokenReplay", "FixedOffsets", "add_offsets"]
 
@@ -46,26 +47,20 @@ def add_offsets(hidden: torch.Tensor, visual: torch.Tensor, deltas: torch.Tensor
 
 
 class _OffsetsHandle(ReplayHandle):
-    """Adds the offsets `_offsets_for` gives at a prefill to the input of layer `inject_layer`."""
+    """Adds the offsets `_offsets_for` prepares at a prefill to the input of layer `inject_layer`."""
 
     inject_layer = 0
 
     def _install_mode(self, layers) -> None:
-        if self.inject_layer > 0:
-            self._hook(layers[self.inject_layer], self._on_inject_layer)
+        self._hook(layers[self.inject_layer], self._on_inject_layer)
 
-    def _offsets_for(self, rec: ForwardRecord, hidden: torch.Tensor, kwargs, visual) -> Optional[torch.Tensor]:
+    def _offsets_for(self, rec: ForwardRecord) -> Optional[torch.Tensor]:
         raise NotImplementedError
 
-    def _at_prefill(self, rec, hidden, kwargs):
-        visual = self.adapter.visual_mask(rec.input_ids)
-        deltas = self._offsets_for(rec, hidden, kwargs, visual)
-        if deltas is None:
-            return None
-        if self.inject_layer > 0:
-            rec.pending = (visual, deltas)
-            return None
-        return add_offsets(hidden, visual, deltas)
+    def _prepare(self, rec):
+        deltas = self._offsets_for(rec)
+        if deltas is not None:
+            rec.pending = (self.adapter.visual_mask(rec.input_ids), deltas)
 
     def _on_inject_layer(self, module, args, kwargs):
         rec = self._current()
@@ -82,7 +77,9 @@ class TokenReplay(_OffsetsHandle):
     def __init__(self, model, base=None, config: Optional[ReplayConfig] = None,
                  targets: Optional[ReplayTargets] = None):
         super().__init__(model)
-        self.config = config or ReplayConfig()
+        # A copy, validated again: a later change to the caller's config cannot reach this handle.
+        self.config = dataclasses.replace(config) if config is not None else ReplayConfig()
+        self.layers_of_result = self.config.layers
         self.base = base
         self._base = BasePass.of(self.adapter, base, self.config)
         check_config_for(self.adapter, self.config, "RLVR")
@@ -98,20 +95,25 @@ class TokenReplay(_OffsetsHandle):
 
     def set_targets(self, targets: Optional[ReplayTargets]) -> None:
         self._targets = targets
+        self._records.forget()
 
-    def _offsets_for(self, rec, hidden, kwargs, visual):
-        ids = rec.input_ids
-        if not bool(visual.any()):
-            self.last = ReplayResult(torch.zeros(0, hidden.shape[-1]), [], [0] * self.config.layers,
-                                     [0] * ids.shape[0], {}, note="no visual tokens: nothing replayed", input_ids=ids)
-            return None
+    def _offsets_for(self, rec):
+        pre = self._capture(rec)
+        memory = self._records.remembered
+        if memory is not None and memory.extended_by(pre.input_ids, pre.hidden0, pre.visual):
+            self.last = memory.result  # the same prompt with more text, without a cache: the same offsets
+            return memory.result.flat_deltas()
+        encoded = rec.kwargs.get("mm_encoder_outputs")
+        if not rec.vision_calls and memory is not None and memory.encodes(encoded):
+            rec.vision_calls = memory.vision_calls  # the same encoded images once more
         targets = self._targets_for(rec)
         if targets is None:
             return None
-        pre = self._prefill(rec, hidden, kwargs)
         with internal_forward():
             result = optimize_from_prefill(self.adapter, pre, targets, self.config)
         self.last = result
+        self._records.remember(Remembered(pre.input_ids, pre.hidden0[:, :pre.prefix_len], result,
+                                          rec.vision_calls, encoded))
         log.info("actreplay: replayed %d visual tokens, loss %.4g -> %.4g",
                  sum(result.n_visual), result.losses[0], result.losses[-1])
         return result.flat_deltas()
@@ -125,7 +127,9 @@ class TokenReplay(_OffsetsHandle):
 
 
 class FixedOffsets(_OffsetsHandle):
-    """One result's offsets, added at the prefill (what `apply()` installs)."""
+    """One result's offsets, added at the prefill of the prompt they were learned
+    on (what `apply()` installs); rows that repeat a learned row (Pass@K,
+    beams) get that row's offsets, any other prompt is an error."""
 
     def __init__(self, model, result: ReplayResult):
         super().__init__(model)
@@ -133,5 +137,25 @@ class FixedOffsets(_OffsetsHandle):
         self.inject_layer = result.inject_layer
         self._install()
 
-    def _offsets_for(self, rec, hidden, kwargs, visual):
-        return self.result.flat_deltas()
+    def _offsets_for(self, rec):
+        ids, learned = rec.input_ids, self.result.input_ids
+        if learned is None or (ids.shape == learned.shape and torch.equal(ids.cpu(), learned.cpu())):
+            return self.result.flat_deltas()
+        rows: List[torch.Tensor] = self.result.deltas if isinstance(self.result.deltas, list) else [self.result.deltas]
+        picked = []
+        for f in range(ids.shape[0]):
+            same = [r for r in range(learned.shape[0]) if ids.shape[1] == learned.shape[1]
+                    and torch.equal(ids[f].cpu(), learned[r].cpu())]
+            if not same:
+                raise ValueError(
+                    f"actreplay_ext.apply: row {f} of this prompt's input_ids is not a prompt the result was "
+                    f"learned on (its input_ids: {tuple(learned.shape)}, this forward: {tuple(ids.shape)}); "
+                    "optimize on these inputs"
+                )
+            if any(not torch.equal(rows[same[0]], rows[r]) for r in same[1:]):
+                raise ValueError(
+                    f"actreplay_ext.apply: row {f} matches learned rows {same} that have different offsets "
+                    "(same ids, other images); pass the rows as they were optimised"
+                )
+            picked.append(rows[same[0]])
+        return torch.cat(picked, 0)

@@ -18,27 +18,72 @@ __all__ = ["ForwardRecord", "Records"]
 
 @dataclasses.dataclass
 class ForwardRecord:
-    kwargs: Dict  # the model forward's keyword arguments
+    kwargs: Dict  # the model forward's arguments, positionals bound to their names
     input_ids: Optional[torch.Tensor]
-    prefill: bool  # an empty KV cache
+    cache_len: int  # tokens already in the KV cache passed in
     vision_calls: List  # (args, kwargs) of the vision-tower calls that encoded this prompt
     between: Optional[BetweenLayers] = None  # what the layer loop adds between layers in this forward
     per_layer: Optional[LayerKwargs] = None  # the arguments of layers that differ from layer 0's
-    handled: bool = False  # layer 0 of this forward has been seen
-    pending: Any = None  # mode-specific work for deeper layers of this forward (offsets, a direct plan)
+    pending: Any = None  # what the mode prepared for this forward's layers (offsets, a direct plan)
+
+
+@dataclasses.dataclass
+class Remembered:
+    """The latest replayed prompt of a thread. A forward without a cache that
+    extends it with text (`generate(use_cache=False)`: every step is the whole
+    sequence) gets the same offsets without a new replay; a forward that
+    passes the same encoded features again (the prompt once more, an assistant
+    model's pass) finds the vision-tower calls that made them here."""
+
+    input_ids: torch.Tensor  # [B, T]
+    hidden0: torch.Tensor  # [B, P, D] its layer-0 input up to the last visual token
+    result: Any  # the ReplayResult
+    vision_calls: List  # the vision-tower calls of its prompt
+    encoded: Any = None  # the encoded features its forward was given (transformers 5.x), by identity
+
+    def encodes(self, encoded) -> bool:
+        """`encoded` holds the very feature tensors the remembered prompt's forward was given
+        (generate hands a copy of its dict to each forward, and to an assistant model)."""
+        if not isinstance(encoded, dict) or not isinstance(self.encoded, dict) or set(encoded) != set(self.encoded):
+            return False
+
+        def tensors(out):
+            pooled = getattr(out, "pooler_output", out)
+            return list(pooled) if isinstance(pooled, (list, tuple)) else [pooled]
+
+        for key, out in encoded.items():
+            a, b = tensors(out), tensors(self.encoded[key])
+            if len(a) != len(b) or any(x is not y for x, y in zip(a, b)):
+                return False
+        return True
+
+    def extended_by(self, ids: torch.Tensor, hidden0: torch.Tensor, visual: torch.Tensor) -> bool:
+        """`ids` is longer than the remembered prompt and starts with it, its
+        layer-0 input starts with the remembered one, and it has no visual
+        tokens after them."""
+        B, T = self.input_ids.shape
+        P = self.hidden0.shape[1]
+        return (ids.shape[0] == B and ids.shape[1] > T and hidden0.shape[1] >= P
+                and not bool(visual[:, P:].any())
+                and torch.equal(ids[:, :T].to(self.input_ids.device), self.input_ids)
+                and torch.equal(hidden0[:, :P].to(self.hidden0.device), self.hidden0))
 
 
 class Records:
-    """The current forward's record, and the vision-tower calls made outside any
-    forward (transformers 5.x `generate` encodes images before the first one),
-    which the next forward claims; both per thread."""
+    """Per thread: the current forward's record, the vision-tower calls made
+    outside any forward (transformers 5.x `generate` encodes images before the
+    first one), which the next forward claims, and the latest replayed prompt."""
 
     def __init__(self):
         self._local = threading.local()
+        self._epoch = 0  # forget(): memories of every thread from before are void
 
-    def begin(self, record: ForwardRecord) -> None:
-        record.vision_calls = self.unclaimed() + record.vision_calls
-        self._local.unclaimed = []
+    def begin(self, record: ForwardRecord, claims: bool) -> None:
+        """Start `record`; a forward that brings visual input (`claims`) takes the
+        vision-tower calls made before it (an assistant model's text-only pass does not)."""
+        if claims:
+            record.vision_calls = self.unclaimed() + record.vision_calls
+            self._local.unclaimed = []
         self._local.current = record  # replaces anything a BaseException left behind
 
     def end(self) -> None:
@@ -57,6 +102,16 @@ class Records:
         else:
             self._local.unclaimed = self.unclaimed() + [call]
 
-    def clear(self) -> None:
+    @property
+    def remembered(self) -> Optional[Remembered]:
+        epoch, memory = getattr(self._local, "remembered", (None, None))
+        return memory if epoch == self._epoch else None
+
+    def remember(self, memory: Optional[Remembered]) -> None:
+        self._local.remembered = (self._epoch, memory)
+
+    def forget(self) -> None:
+        """Drop the remembered prompts of every thread, and this thread's pending state."""
+        self._epoch += 1
         self._local.current = None
         self._local.unclaimed = []

@@ -145,6 +145,48 @@ class ModelAdapter:
                                   "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                                   "second_per_grid_ts", "mm_token_type_ids")
 
+    #: forward keywords that carry the visual input itself (pixels, or features encoded before the forward)
+    visual_input_keys: Sequence[str] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs",
+                                        "image_hidden_states")
+
+    def has_visual_input(self, kwargs: Dict, vision_calls: List) -> bool:
+        """Whether a forward brings images or videos (pixels, encoded features, or
+        vision-tower calls made for it), not only their placeholder tokens."""
+        if vision_calls:
+            return True
+        for key in self.visual_input_keys:
+            v = kwargs.get(key)
+            if isinstance(v, dict):
+                v = [x for x in v.values() if x is not None] or None
+            if v is not None:
+                return True
+        return False
+
+    def encoded_visual_rows(self, kwargs: Dict) -> Optional[int]:
+        """How many visual tokens the features encoded before the forward fill
+        (transformers 5.x `mm_encoder_outputs`), or None when the forward encodes
+        its own pixels. More rows than placeholder tokens in the forward's ids
+        means the forward is one chunk of a longer prompt."""
+        encoded = kwargs.get("mm_encoder_outputs")
+        if not isinstance(encoded, dict):
+            return None
+        rows = 0
+        for out in encoded.values():
+            pooled = getattr(out, "pooler_output", out)
+            if pooled is None:
+                continue
+            for entry in (pooled if isinstance(pooled, (list, tuple)) else [pooled]):
+                if isinstance(entry, torch.Tensor):
+                    rows += entry.numel() // max(entry.shape[-1], 1)
+        return rows
+
+    def recorded_visual_tokens(self, vision_calls: List) -> Optional[int]:
+        """How many placeholder tokens the images and videos of these vision-tower
+        calls fill, or None when it cannot be told from the calls alone. A
+        forward whose ids hold fewer (or not a whole multiple, as repeated rows
+        of Pass@K give) is one chunk of a longer prompt."""
+        return None
+
     def prompt_kwargs(self, kwargs: Dict) -> Dict:
         """The keywords of a forward call that describe the prompt (`prompt_keys`, not None)."""
         return {k: v for k, v in kwargs.items() if k in self.prompt_keys and v is not None}

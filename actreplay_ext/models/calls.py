@@ -86,4 +86,9 @@ def bound_kwargs(forward: Callable, args: tuple, kwargs: Dict) -> Dict:
     """A call's arguments as keywords (positionals bound by `forward`'s signature)."""
     if not args:
         return dict(kwargs)
-    return dict(inspect.signature(forward).bind_partial(*args, **kwargs).arguments)
+    params = inspect.signature(forward).parameters
+    bound = dict(inspect.signature(forward).bind_partial(*args, **kwargs).arguments)
+    for name, p in params.items():  # **kwargs of the signature: back to the top level
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+    return bound

@@ -70,6 +70,15 @@ class Idefics3Adapter(ModelAdapter):
     def visual_token_ids(self) -> List[int]:
         return [int(self.model.config.image_token_id)]
 
+    def recorded_visual_tokens(self, vision_calls):
+        total = 0
+        for args, kw in vision_calls:  # vision_model(pixel_values=[n_images, 3, H, W], ...)
+            pixels = args[0] if args else kw.get("pixel_values")
+            if pixels is None:
+                return None
+            total += int(pixels.shape[0]) * self.image_tokens()
+        return total
+
     def image_tokens(self) -> int:
         """Placeholder tokens per image of the configured size."""
         return int(self.model.model.image_seq_len)

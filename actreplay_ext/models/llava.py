@@ -61,6 +61,15 @@ class LlavaAdapter(ModelAdapter):
         n = (int(v.image_size) // int(v.patch_size)) ** 2
         return n + (1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0)
 
+    def recorded_visual_tokens(self, vision_calls):
+        total = 0
+        for args, kw in vision_calls:  # vision_tower(pixel_values, ...): one row per image
+            pixels = args[0] if args else kw.get("pixel_values")
+            if pixels is None or kw.get("image_sizes") is not None:
+                return None
+            total += int(pixels.shape[0]) * self.image_tokens()
+        return total
+
     def tokens_per_item(self, grid_thw: torch.Tensor) -> torch.Tensor:
         # Images are stood in for by a [n_images, 1] "grid" of ones (one pixel row each).
         return torch.full((grid_thw.shape[0],), self.image_tokens(), dtype=torch.long, device=grid_thw.device)

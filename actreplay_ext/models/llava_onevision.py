@@ -105,6 +105,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def _max_tiles(self, vision_aspect_ratio: Optional[str] = None) -> int:
         return int((vision_aspect_ratio or self.model.config.vision_aspect_ratio).removeprefix("anyres_max_"))
 
+    def recorded_visual_tokens(self, vision_calls):
+        return None  # anyres tilings: the token count depends on the image sizes, not in the calls
+
     def image_tokens(self) -> int:
         raise TypeError("actreplay_ext: a LLaVA-OneVision image has no fixed token count; "
                         "use image_token_counts(image_sizes)")

@@ -42,6 +42,15 @@ class QwenVLAdapter(ModelAdapter):
             out["mm_token_type_ids"] = mm
         return out
 
+    def recorded_visual_tokens(self, vision_calls):
+        total = 0
+        for args, kw in vision_calls:  # visual(pixel_values, grid_thw=...)
+            grids = kw.get("grid_thw", args[1] if len(args) > 1 else None)
+            if grids is None:
+                return None
+            total += int(self.tokens_per_item(grids).sum())
+        return total
+
     def tokens_per_item(self, grid_thw):
         merge = int(self.model.config.vision_config.spatial_merge_size)
         return grid_thw.prod(-1) // (merge * merge)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = ["rms_norm", "lens_logits", "topk_desc_lower_index", "lens_entropy", "select_tokens", "replay_scatter",
-           "topk_kl"]
+           "topk_kl", "topk_logp"]
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -67,7 +67,8 @@ def lens_entropy(
     logits = lens_logits(hidden, unembed, norm_weight, eps)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse[:, None]
-    entropy = -(logp.exp() * logp).sum(-1)
+    # A -inf logit has probability 0 and adds 0 (not 0 * -inf); a +inf one makes the row NaN, as in torch.
+    entropy = -torch.where(logp == -math.inf, 0.0, logp.exp() * logp).sum(-1)
     vals, idx = topk_desc_lower_index(logits, topk)
     return entropy, lse, vals, idx
 
@@ -78,8 +79,11 @@ def _layer_values(value: Union[float, Sequence[float]], L: int) -> list:
 
 
 def _count_for(value: float, n_cand: int) -> int:
-    c = value if value >= 1 else math.floor(value * n_cand)
-    return min(int(c), n_cand)
+    """A count (value >= 1, floored) or a fraction of n_cand, clamped to [0, n_cand]; NaN picks none."""
+    c = math.floor(value) if value >= 1 else value * n_cand
+    if c != c or c <= 0:
+        return 0
+    return n_cand if c >= n_cand else int(math.floor(c))
 
 
 def select_tokens(
@@ -141,3 +145,15 @@ def topk_kl(
     p = lp.exp()
     terms = torch.where(p > 0, p * (lp - q), torch.zeros_like(q))
     return terms.sum(-1)
+
+
+def topk_logp(
+    hidden: torch.Tensor,
+    unembed: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    target_idx: torch.Tensor,
+) -> torch.Tensor:
+    """``log_softmax`` of the logit lens gathered at ``target_idx`` (full logits first)."""
+    logits = lens_logits(hidden, unembed, norm_weight, eps)
+    return torch.log_softmax(logits.gather(1, target_idx), dim=-1)

@@ -17,7 +17,7 @@ void sum_exp_shifted(const float* z, int64_t n, float m, float* s_out, float* t_
     // exp underflows to 0 below -87 in float32; say so exactly.
     const float e = y < -87.0f ? 0.0f : exp_nonpositive(y);
     s += e;
-    t += e * y;
+    t += y < -87.0f ? 0.0f : e * y;  // a -inf logit (or one past float range) adds nothing, not 0 * -inf
   }
   *s_out = s;
   *t_out = t;

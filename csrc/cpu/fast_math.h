@@ -54,7 +54,7 @@ inline void sum_exp_shifted(const double* z, int64_t n, double m, double* s_out,
     const double y = z[j] - m;
     const double e = y < -745.0 ? 0.0 : std::exp(y);
     s += e;
-    t += e * y;
+    t += y < -745.0 ? 0.0 : e * y;  // a -inf logit adds nothing, not 0 * -inf
   }
   *s_out = s;
   *t_out = t;

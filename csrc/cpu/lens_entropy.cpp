@@ -45,22 +45,32 @@ struct WorseFirst {
 template <typename acc_t>
 void fold_tile(const acc_t* z, int64_t n, int64_t v0, RowState<acc_t>& st, int64_t topk,
                std::pair<acc_t, int64_t>* heap, int64_t& heap_size) {
-  acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  acc_t tile_max = -kInf;
   for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, z[j]);
   if (tile_max > st.m) {
     if (st.s > 0) {
       // Shift the reference point from m to tile_max: every (z - m) drops by d.
       const acc_t d = tile_max - st.m;
       const acc_t scale = std::exp(-d);
-      st.t = scale * (st.t - d * st.s);
-      st.s = scale * st.s;
+      if (scale == 0) {  // the earlier terms vanish against the new max (no 0 * inf from d * s)
+        st.t = 0;
+        st.s = 0;
+      } else {
+        st.t = scale * (st.t - d * st.s);
+        st.s = scale * st.s;
+      }
     }
     st.m = tile_max;
   }
-  acc_t s = 0, t = 0;
-  sum_exp_shifted(z, n, st.m, &s, &t);
-  st.s += s;
-  st.t += t;
+  // With a +inf logit, lse = +inf and the entropy is NaN, as torch has them; with
+  // only -inf so far there is nothing to add (and -inf - -inf would be NaN).
+  if (std::isfinite(st.m)) {
+    acc_t s = 0, t = 0;
+    sum_exp_shifted(z, n, st.m, &s, &t);
+    st.s += s;
+    st.t += t;
+  }
 
   if (topk == 0) return;
   WorseFirst<acc_t> cmp;
@@ -126,8 +136,13 @@ void lens_entropy_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
     WorseFirst<acc_t> cmp;
     for (int64_t row = b; row < e; ++row) {
       const auto& st = state[row];
-      ls[row] = st.m + std::log(st.s);
-      ent[row] = std::log(st.s) - st.t / st.s;
+      if (st.m == std::numeric_limits<acc_t>::infinity()) {
+        ls[row] = st.m;
+        ent[row] = std::numeric_limits<acc_t>::quiet_NaN();
+      } else {
+        ls[row] = st.m + std::log(st.s);
+        ent[row] = std::log(st.s) - st.t / st.s;
+      }
       if (topk > 0) {
         auto* h = heaps.data() + row * topk;
         std::sort_heap(h, h + heap_sizes[row], cmp);  // best first under WorseFirst

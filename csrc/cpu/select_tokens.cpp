@@ -15,8 +15,11 @@ namespace {
 // How many candidates a count-based rule picks: an integer count, or a
 // fraction of the candidates (floor), capped at the number of candidates.
 int64_t count_for(double value, int64_t n_cand) {
-  const double c = value >= 1.0 ? value : std::floor(value * static_cast<double>(n_cand));
-  return std::min<int64_t>(static_cast<int64_t>(c), n_cand);
+  // Clamp in double before the cast, as the CUDA kernel does: a count >= 2^63 does
+  // not fit int64 (undefined behaviour); NaN and counts <= 0 pick nothing.
+  const double c = value >= 1.0 ? std::floor(value) : std::floor(value * static_cast<double>(n_cand));
+  if (c >= static_cast<double>(n_cand)) return n_cand;
+  return c > 0.0 ? static_cast<int64_t>(c) : 0;
 }
 
 template <typename T>

@@ -57,13 +57,17 @@ void prefetch_row(const scalar_t* row, int64_t D) {
   for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(p + b);
 }
 
-// For one row: z_j = <xn, U[idx_j]>, then q = log_softmax(z) in place of z,
-// returning the row's KL. `pr` receives p_j = exp(target_logp_j). With `keep`
-// (k x D), the gathered rows are also kept there in the accumulation type, so
-// that the backward reads them from cache rather than from the matrix again.
-template <typename scalar_t, typename acc_t, typename logp_t>
-acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
-             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr, acc_t* buf, acc_t* keep = nullptr) {
+// For one row: z = log q (row_logq), returning the row's KL. `pr` receives
+// p_j = exp(target_logp_j).
+// z_j = log q_j = log_softmax(<xn, U[idx_j]>)_j for one row. The one place log q is
+// computed: topk_logp (the targets), the KL and its backward all read it from
+// here, so a model replayed against an exact copy of itself has KL exactly 0
+// and a gradient exactly 0. With `keep` (k x D), the gathered rows are also
+// kept there in the accumulation type, so that the backward reads them from
+// cache rather than from the matrix again.
+template <typename scalar_t, typename acc_t>
+void row_logq(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx, int64_t k,
+              acc_t* z, acc_t* buf, acc_t* keep = nullptr) {
   acc_t zmax = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < k; ++j) {
     if (j + 1 < k) prefetch_row(U + idx[j + 1] * D, D);
@@ -75,9 +79,15 @@ acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
   acc_t se = 0;
   for (int64_t j = 0; j < k; ++j) se += std::exp(z[j] - zmax);
   const acc_t lse = zmax + std::log(se);
+  for (int64_t j = 0; j < k; ++j) z[j] -= lse;
+}
+
+template <typename scalar_t, typename acc_t, typename logp_t>
+acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
+             const logp_t* lp, int64_t k, acc_t* z, acc_t* pr, acc_t* buf, acc_t* keep = nullptr) {
+  row_logq<scalar_t, acc_t>(xn, U, D, idx, k, z, buf, keep);
   acc_t kl = 0;
   for (int64_t j = 0; j < k; ++j) {
-    z[j] -= lse;  // log q_j
     const acc_t l = static_cast<acc_t>(lp[j]);
     pr[j] = std::exp(l);
     if (pr[j] > 0) kl += pr[j] * (l - z[j]);  // p = 0 contributes exactly 0
@@ -135,12 +145,11 @@ void topk_kl_backward_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden
       const int64_t* idx = I + i * k;
       row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, idx, LP + i * k, k, z.data(), pr.data(),
                                       buf.data(), rows.data());
-      // d kl / d z_j = softmax(z)_j * sum(p) - p_j   (z now holds log q)
-      acc_t psum = 0;
-      for (int64_t j = 0; j < k; ++j) psum += pr[j];
+      // d kl / d z_j = q_j - p_j for targets p that sum to 1 (z now holds log q);
+      // exactly 0 where the targets are this row's own log q (topk_logp).
       std::fill(gx.begin(), gx.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
-        const acc_t gz = G[i] * (std::exp(z[j]) * psum - pr[j]);
+        const acc_t gz = G[i] * (std::exp(z[j]) - pr[j]);
         axpy<acc_t>(gz, rows.data() + j * D, gx.data(), D);
       }
       scalar_t* out = GH + i * D;
@@ -174,6 +183,29 @@ void dispatch_logp(const at::Tensor& target_logp, F&& f) {
 }
 
 }  // namespace
+
+at::Tensor topk_logp_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
+                         const c10::optional<at::Tensor>& norm_weight, double eps,
+                         const at::Tensor& target_idx) {
+  const int64_t M = hidden.size(0), D = hidden.size(1), k = target_idx.size(1);
+  at::Tensor out = at::empty({M, k}, hidden.options().dtype(result_dtype(hidden)));
+  if (M == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "actreplay_topk_logp_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor xn = rms_normalize(hidden, norm_weight, eps,
+                                        c10::CppTypeToScalarType<acc_t>::value);
+    const acc_t* X = xn.data_ptr<acc_t>();
+    const scalar_t* U = unembed.data_ptr<scalar_t>();
+    const int64_t* I = target_idx.data_ptr<int64_t>();
+    acc_t* O = out.data_ptr<acc_t>();
+    at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buf(D);
+      for (int64_t i = b; i < e; ++i) row_logq<scalar_t, acc_t>(X + i * D, U, D, I + i * k, k, O + i * k, buf.data());
+    });
+  });
+  return out;
+}
 
 at::Tensor topk_kl_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
                        const c10::optional<at::Tensor>& norm_weight, double eps,

@@ -146,6 +146,7 @@ __device__ __forceinline__ void merge_state(double& m1, double& s1, double& t1, 
   }
   const double dl = m1 - m2;  // >= 0
   const double sc = exp(-dl);
+  if (sc == 0.0) return;  // (m2, s2, t2) vanishes against m1 (no 0 * inf from dl * s2)
   s1 += sc * s2;
   t1 += sc * (t2 - dl * s2);
 }
@@ -297,18 +298,31 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
       if (s != 0.0) {
         const double dl = static_cast<double>(tmax) - static_cast<double>(m);
         const double sc = exp(-dl);
-        t = sc * (t - dl * s);
-        s *= sc;
+        if (sc == 0.0) {  // the earlier terms vanish against the new max (no 0 * inf from dl * s)
+          s = 0.0;
+          t = 0.0;
+        } else {
+          t = sc * (t - dl * s);
+          s *= sc;
+        }
       }
       m = tmax;
+      if (m == -kNegInf) {  // a +inf logit: lse = +inf, entropy NaN (as torch); s != 0 keeps the state
+        s = 1.0;
+        t = 0.0;
+      }
     }
+    if (m != -kNegInf && m != kNegInf) {  // +inf: see above; all -inf so far: nothing to add (not NaN)
 #pragma unroll
-    for (int it = 0; it < kItems; ++it) {
-      if (it * kThreads + tid < rem) {
-        const L d = z[it] - m;
-        const L ex = acc_exp(d);
-        s += static_cast<double>(ex);
-        t += static_cast<double>(ex) * static_cast<double>(d);
+      for (int it = 0; it < kItems; ++it) {
+        if (it * kThreads + tid < rem) {
+          const L d = z[it] - m;
+          const L ex = acc_exp(d);
+          if (ex != L(0)) {  // a -inf logit adds nothing, not 0 * -inf
+            s += static_cast<double>(ex);
+            t += static_cast<double>(ex) * static_cast<double>(d);
+          }
+        }
       }
     }
 
@@ -427,8 +441,13 @@ lens_finalize_kernel(const double* __restrict__ st_m, const double* __restrict__
   if (threadIdx.x == 0) {
     const double sn = st_s[n];
     const double ls = log(sn);
-    lse[n] = static_cast<L>(st_m[n] + ls);
-    entropy[n] = static_cast<L>(ls - st_t[n] / sn);
+    if (isinf(st_m[n]) && st_m[n] > 0) {  // a +inf logit: lse = +inf, entropy NaN, as torch has them
+      lse[n] = static_cast<L>(st_m[n]);
+      entropy[n] = static_cast<L>(nan(""));
+    } else {
+      lse[n] = static_cast<L>(st_m[n] + ls);
+      entropy[n] = static_cast<L>(ls - st_t[n] / sn);
+    }
   }
   if (topk > 0 && cur_g[n] != 0) {
     for (int64_t j = threadIdx.x; j < topk; j += kFinalizeThreads) {

@@ -13,7 +13,9 @@
 //      small, so this costs nothing and avoids cancellation in KL ~ 0):
 //      kl = sum_j p_j (lp_j - (z_j - lse_z)), p_j = exp(lp_j); p_j == 0 terms
 //      (lp_j = -inf) are skipped, so they contribute exactly 0, never NaN.
-//   Backward, same 1-2, then gz_j = g (softmax(z)_j * P - p_j), P = sum_j p_j,
+//   log q_j is rounded to the targets' type (logq()), the value topk_logp
+//   returns, so targets made by topk_logp from the same rows give KL 0 exactly.
+//   Backward, same 1-2, then gz_j = g (q_j - p_j) (targets sum to 1), which
 //   overwrites Z; each thread owns a set of D-vectors and computes
 //   gxn_d = sum_j gz_j U[idx_j, d] (coalesced across the block for every j).
 //   Without norm_weight grad_h = gxn; with it u_d = gxn_d w_d (stored over X),
@@ -119,13 +121,22 @@ __device__ __forceinline__ void row_buffers(acc_t* xg, acc_t* zg, int64_t i, int
   Z = zg != nullptr ? zg + i * k : s + (xg != nullptr ? 0 : D);
 }
 
+// log q_j = z_j - lse in double, rounded to the targets' type: the one value of
+// log q that topk_logp (the targets), the KL and its backward all use, so a
+// model replayed against an exact copy of itself has KL and gradient exactly 0.
+template <typename lp_t, typename acc_t>
+__device__ __forceinline__ lp_t logq(acc_t z, double lse) {
+  return static_cast<lp_t>(static_cast<double>(z) - lse);
+}
+
 template <typename scalar_t, typename lp_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
 topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restrict__ U,
                    const scalar_t* __restrict__ w, at::opmath_type<scalar_t> eps,
                    const int64_t* __restrict__ target_idx, const lp_t* __restrict__ target_logp,
                    at::opmath_type<scalar_t>* __restrict__ kl_out, int64_t D, int64_t k,
-                   at::opmath_type<scalar_t>* xg, at::opmath_type<scalar_t>* zg) {
+                   at::opmath_type<scalar_t>* xg, at::opmath_type<scalar_t>* zg,
+                   lp_t* __restrict__ logq_out) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t s_acc[kWarps];
   __shared__ double s_red[kWarps];
@@ -144,12 +155,16 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
   for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
   se = block_sum<kWarps>(se, s_red);
   const double lse = mz + log(se);
+  if (logq_out != nullptr) {  // topk_logp: the log q the KL below reads
+    for (int64_t j = threadIdx.x; j < k; j += kThreads) logq_out[i * k + j] = logq<lp_t>(Z[j], lse);
+    return;
+  }
   double kl = 0.0;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const double lp = static_cast<double>(lp_row[j]);
     const double p = exp(lp);
     if (p == 0.0) continue;  // lp = -inf (or underflow): contributes exactly 0
-    kl += p * (lp - (static_cast<double>(Z[j]) - lse));
+    kl += p * (lp - static_cast<double>(logq<lp_t>(Z[j], lse)));
   }
   kl = block_sum<kWarps>(kl, s_red);
   if (threadIdx.x == 0) kl_out[i] = static_cast<acc_t>(kl);
@@ -177,24 +192,20 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
   const acc_t r = gathered_logits<scalar_t, acc_t, VEC>(h_row, U, w, eps, D, idx_row, k, X, Z,
                                                         s_acc);
 
-  // dkl/dz_j = g * (softmax(z)_j * P - p_j), P = sum_j p_j.
+  // dkl/dz_j = g * (q_j - p_j) for targets p that sum to 1.
   double mz = -std::numeric_limits<double>::infinity();
   for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
   mz = block_max<kWarps>(mz, s_red);
-  double se = 0.0, psum = 0.0;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    se += exp(static_cast<double>(Z[j]) - mz);
-    psum += exp(static_cast<double>(lp_row[j]));
-  }
+  double se = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
   se = block_sum<kWarps>(se, s_red);
-  psum = block_sum<kWarps>(psum, s_red);
   const double lse = mz + log(se);
   const double g = static_cast<double>(grad_kl[i]);
   // Each thread rewrites only the Z entries it read itself above.
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    const double sm = exp(static_cast<double>(Z[j]) - lse);
+    const double q = exp(static_cast<double>(logq<lp_t>(Z[j], lse)));
     const double p = exp(static_cast<double>(lp_row[j]));
-    Z[j] = static_cast<acc_t>(g * (sm * psum - p));
+    Z[j] = static_cast<acc_t>(g * (q - p));
   }
   __syncthreads();  // all of Z (now gz) visible; X (xn) no longer read
 
@@ -282,7 +293,8 @@ const void* optional_ptr(const c10::optional<at::Tensor>& t) {
 template <typename scalar_t, typename lp_t>
 void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::Tensor& unembed,
                  const c10::optional<at::Tensor>& norm_weight, double eps,
-                 const at::Tensor& target_idx, const at::Tensor& target_logp, at::Tensor& out) {
+                 const at::Tensor& target_idx, const at::Tensor& target_logp, at::Tensor& out,
+                 bool logq_only = false) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = hidden.size(0);
   const int64_t D = hidden.size(1);
@@ -305,8 +317,9 @@ void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::
     auto launch = [&](auto kernel) {
       kernel<<<grid, kThreads, plan.smem, stream>>>(
           hidden.data_ptr<scalar_t>(), unembed.data_ptr<scalar_t>(), w, eps_acc,
-          target_idx.data_ptr<int64_t>(), target_logp.data_ptr<lp_t>(), out.data_ptr<acc_t>(),
-          D, k, xg, zg);
+          target_idx.data_ptr<int64_t>(), target_logp.data_ptr<lp_t>(),
+          logq_only ? nullptr : out.data_ptr<acc_t>(), D, k, xg, zg,
+          logq_only ? out.data_ptr<lp_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {
@@ -333,13 +346,13 @@ void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::
 void dispatch_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden,
                       const at::Tensor& unembed, const c10::optional<at::Tensor>& norm_weight,
                       double eps, const at::Tensor& target_idx, const at::Tensor& target_logp,
-                      at::Tensor& out) {
+                      at::Tensor& out, bool logq_only = false) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "topk_kl_cuda", [&] {
         using hidden_t = scalar_t;
         AT_DISPATCH_FLOATING_TYPES(target_logp.scalar_type(), "topk_kl_cuda_logp", [&] {
           run_topk_kl<hidden_t, scalar_t>(grad_kl, hidden, unembed, norm_weight, eps,
-                                          target_idx, target_logp, out);
+                                          target_idx, target_logp, out, logq_only);
         });
       });
 }
@@ -356,6 +369,19 @@ at::Tensor topk_kl_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
   TORCH_CHECK(M <= static_cast<int64_t>(INT32_MAX), "topk_kl: too many rows (", M, ")");
   dispatch_topk_kl(nullptr, hidden, unembed, norm_weight, eps, target_idx, target_logp, kl);
   return kl;
+}
+
+at::Tensor topk_logp_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
+                          const c10::optional<at::Tensor>& norm_weight, double eps,
+                          const at::Tensor& target_idx) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t M = hidden.size(0);
+  // The targets' type (float32, float64 for float64 models) is the log q's.
+  at::Tensor out = at::empty({M, target_idx.size(1)}, hidden.options().dtype(result_dtype(hidden)));
+  if (M == 0) return out;
+  TORCH_CHECK(M <= static_cast<int64_t>(INT32_MAX), "topk_logp: too many rows (", M, ")");
+  dispatch_topk_kl(nullptr, hidden, unembed, norm_weight, eps, target_idx, out, out, true);
+  return out;
 }
 
 at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& hidden,
