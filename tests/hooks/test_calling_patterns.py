@@ -278,7 +278,7 @@ def test_two_patched_models_sharing_a_base_in_two_threads(pair):
                 for _ in range(3):
                     greedy(model, inputs)
                     results[i] = handle.last.deltas
-        except BaseException as e:  # noqa: BLE001  (reported below)
+        except BaseException as e:  # reported below, in the main thread
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((rlvr, other))]
