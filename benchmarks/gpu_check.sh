@@ -27,16 +27,16 @@ fi
 
 step "CUDA operator tests"
 # -P: do not put the source tree on sys.path, so the installed build is tested.
-timeout 240 $PY -P -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda -x 2>&1 | tail -40 || status=1
+timeout 240 $PY -P -m pytest -q -p no:cacheprovider tests/ops -k cuda -x 2>&1 | tail -40 || status=1
 
 step "GPU placement (base/RLVR on different devices, device_map=auto)"
-timeout 120 $PY -P -m pytest -q -p no:cacheprovider tests/test_placement.py 2>&1 | tail -20 || status=1
+timeout 120 $PY -P -m pytest -q -p no:cacheprovider tests/core/test_placement.py 2>&1 | tail -20 || status=1
 
 step "compute-sanitizer (small shapes)"
 SMALL='cuda and (N7-V1000 or N1-V5 or ties or all_negative or topk_kl_gradcheck or replay_scatter_gradcheck or select_tokens_rules or M7-V1000 or T50-M17)'
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --error-exitcode 99 $PY -P -m pytest -q -p no:cacheprovider \
-    tests/test_ops.py -k "$SMALL" > "$OUT/sanitizer_$tool.log" 2>&1
+    tests/ops/test_ops.py -k "$SMALL" > "$OUT/sanitizer_$tool.log" 2>&1
   rc=$?; echo "$tool exit $rc"; tail -4 "$OUT/sanitizer_$tool.log"
   [ $rc -eq 0 ] || status=1
 done
