@@ -158,13 +158,19 @@ def make_inputs(model, images: Sequence[Tuple[int, int]] = ((8, 8),), video: Opt
         grids = [tuple(video)] * batch
         out["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
         out["pixel_values_videos"] = torch.randn(sum(t * h * w for t, h, w in grids), pdim, generator=g).to(dtype)
-    # transformers 5.x takes mm_token_type_ids (0 text, 1 image, 2 video); 4.57 rejects it in generate.
+    return with_mm_token_types(model, out, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)
+
+
+def with_mm_token_types(model, inputs: Dict, image_id: int, video_id: int) -> Dict:
+    """`inputs` with the mm_token_type_ids (0 text, 1 image, 2 video) that transformers 5.x
+    Qwen models take (M-RoPE is computed from them); 4.57 rejects them in generate."""
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        mm = torch.zeros_like(input_ids, dtype=torch.int32)
-        mm[input_ids == IMAGE_TOKEN_ID] = 1
-        mm[input_ids == VIDEO_TOKEN_ID] = 2
-        out["mm_token_type_ids"] = mm
-    return out
+        ids = inputs["input_ids"]
+        mm = torch.zeros_like(ids, dtype=torch.int32)
+        mm[ids == image_id] = 1
+        mm[ids == video_id] = 2
+        inputs["mm_token_type_ids"] = mm
+    return inputs
 
 
 # ------------------------------------------------------------- a tiny processor
@@ -532,13 +538,7 @@ def qwen3_vl_inputs(model, images=QWEN3_IMAGES, video=None, text_len: int = 8, s
     if video is not None:
         out["video_grid_thw"] = torch.tensor([list(video)])
         out["pixel_values_videos"] = torch.randn(video[0] * video[1] * video[2], QWEN3_PIXEL_DIM, generator=g)
-    # transformers 5.x computes M-RoPE from mm_token_type_ids (and raises without it); 4.57 rejects it in generate.
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        mm = torch.zeros_like(input_ids, dtype=torch.int32)
-        mm[input_ids == QWEN3_IMAGE_ID] = 1
-        mm[input_ids == QWEN3_VIDEO_ID] = 2
-        out["mm_token_type_ids"] = mm
-    return out
+    return with_mm_token_types(model, out, QWEN3_IMAGE_ID, QWEN3_VIDEO_ID)  # 5.x raises without them
 
 
 # ------------------------------------------------------------------ the registry

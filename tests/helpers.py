@@ -130,3 +130,11 @@ def greedy_scores(model, inputs, n: int = 3):
     out = model.generate(**inputs, max_new_tokens=n, do_sample=False, output_scores=True,
                          return_dict_in_generate=True)
     return out.sequences, torch.stack(out.scores)
+
+
+def qwen_prompt(model, **kw):
+    """The tiny Qwen2 families' prompt of the engine and patch tests: one 8 x 8 image unless told."""
+    from actreplay_ext import tiny
+
+    kw.setdefault("images", [(8, 8)])
+    return tiny.make_inputs(model, **kw)

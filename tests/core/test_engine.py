@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from helpers import hooks_of, replay
+from helpers import qwen_prompt as prompt
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
@@ -20,11 +21,6 @@ LR = 1e-3  # the tiny sharpened lens: the loss falls smoothly at this rate
 def pair(request):
     base, rlvr = tiny.pair(request.param)
     return request.param, base, rlvr
-
-
-def prompt(model, **kw):
-    kw.setdefault("images", [(8, 8)])
-    return tiny.make_inputs(model, **kw)
 
 
 # ------------------------------------------------------------- bfloat16

@@ -6,6 +6,7 @@ optimize() and apply(), and remove(), for every family: tests/models/test_famili
 import pytest
 import torch
 from helpers import PYTHON_DIR
+from helpers import qwen_prompt as prompt
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
@@ -18,11 +19,6 @@ LR = 1e-3
 def pair(request):
     base, rlvr = tiny.pair(request.param)
     return request.param, base, rlvr
-
-
-def prompt(model, **kw):
-    kw.setdefault("images", [(8, 8)])
-    return tiny.make_inputs(model, **kw)
 
 
 def test_patch_generate_equals_offsets_added_by_hand(pair):
