@@ -15,10 +15,14 @@ import torch  # noqa: F401  (loads libtorch/libc10, which the extension links ag
 
 try:
     from . import _C  # registers torch.ops.actreplay
-except ImportError as e:  # pragma: no cover - a source tree without the build (whatever ImportError Python raises)
+except ImportError as e:  # a source tree without the build, whichever ImportError Python raises for it
+    import os as _os
+
+    _built = any(f.startswith("_C.") for f in _os.listdir(_os.path.dirname(_os.path.abspath(__file__))))
     raise ImportError(
-        f"actreplay_ext: the compiled extension actreplay_ext._C cannot be imported ({type(e).__name__}: {e}); "
-        "install the package (pip install --no-build-isolation .) and import it from outside the source tree, "
+        "actreplay_ext: the compiled extension actreplay_ext._C cannot be imported "
+        + (f"({type(e).__name__}: {e}); " if _built else "(it is not built in this source tree); ")
+        + "install the package (pip install --no-build-isolation .) and import it from outside the source tree, "
         "or build it in place (python setup.py build_ext --inplace)"
     ) from None
 
