@@ -9,8 +9,10 @@ scaled up (`sharpen`) to give the selection rules real subsets to pick.
 Qwen2-VL / Qwen2.5-VL (`make_model`, `make_pair`, `make_inputs`,
 `make_processor`, `save_pair`) are the demo's pair. Every family the package
 supports has a tiny model here too, registered in `FAMILIES_TINY` (a
-`TinyFamily` each: how to build it, its prompt, the noise, sharpening and
-learning rate its tests use); `pair(name)` builds one family's pair.
+`TinyFamily` each: how to build it, its prompts, where its parts are, the
+noise, sharpening and replay configurations its tests use); `pair(name)`
+builds one family's pair. A new family is one entry there: the family tests
+parametrize over the registry.
 """
 
 from __future__ import annotations
@@ -548,25 +550,61 @@ def qwen3_vl_inputs(model, images=QWEN3_IMAGES, video=None, text_len: int = 8, s
 class TinyFamily:
     """One family's tiny model, as the tests (and anyone else) use it.
 
-    `make_model(seed=, sharpen=)` builds the finished random base model (eval
-    mode, sharpened lens, fixed-length greedy generations); `make_inputs(model,
-    **kw)` builds a prompt by hand, and `prompt_kwargs` are the arguments that
-    make it the parity test's prompt (`prompt`), which has `n_visual` visual
-    tokens. The RLVR model is the base with `noise` (relative) Gaussian noise
-    on its decoder layers (`pair`). `lr`, `layers` and `steps` are the replay
-    configuration the family's parity test runs."""
+    How it is built and prompted:
+
+    - `name`, `class_name`: the registry key and the transformers class
+      (e.g. "Qwen2VLForConditionalGeneration").
+    - `make_model(seed=, sharpen=)` builds the finished random base model (eval
+      mode, sharpened lens, fixed-length greedy generations) with `sharpen` as
+      the lens scale; the RLVR model is the base with `noise` (relative)
+      Gaussian noise on its decoder layers (`pair`).
+    - `make_inputs(model, **kw)` builds a prompt by hand; `prompt_kwargs` are
+      the arguments that make it the parity prompt (`prompt(model)`), which has
+      `n_visual` visual tokens.
+    - `prompts`: named prompts, each the `make_inputs` arguments that differ
+      from the parity prompt's (`prompt(model, "one_image")`): "one_image"
+      (a single image), "text_only" (no visual token), "prefill" (the prompt a
+      plain prefill forward is checked on; the parity prompt where absent).
+
+    Where its parts are (what `get_adapter(model)` must find):
+
+    - `visual_token_ids`: the placeholder ids of its visual tokens, in the
+      adapter's order (image first).
+    - `text_model_path`: the attribute path, from the model, of its text model
+      (the module with the decoder `layers` and final `norm`).
+    - `vision_tower_path`: the attribute path of its vision tower.
+
+    The replay configurations its tests run:
+
+    - `lr`, `layers`, `steps`: the parity test's (and, but for the steps,
+      the other replay tests').
+    - `patch_prompts`, `patch_steps`, `patch_tokens`: patch()ed generate ==
+      optimize() + apply(): the prompts (each the `make_inputs` arguments
+      that differ from the parity prompt's), the replay steps, the new tokens.
+    - `passk_steps`, `passk_tokens`, `passk_config`: Pass@K on the "one_image"
+      prompt: the replay steps, the new tokens, `ReplayConfig` overrides."""
 
     name: str
-    class_name: str  #: the transformers class, e.g. "Qwen2VLForConditionalGeneration"
+    class_name: str
     make_model: Callable[..., Any]
     make_inputs: Callable[..., Dict]
     n_visual: int
     noise: float
     sharpen: float
+    visual_token_ids: Tuple[int, ...]
+    text_model_path: str = "model.language_model"
+    vision_tower_path: str = "model.vision_tower"
     lr: float = 1e-3
     layers: int = 3
     steps: int = 15
     prompt_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    prompts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    patch_prompts: Tuple[Mapping[str, Any], ...] = field(default=({},), hash=False)
+    patch_steps: int = 15
+    patch_tokens: int = 4
+    passk_steps: int = 5
+    passk_tokens: int = 2
+    passk_config: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def available(self) -> bool:
@@ -589,34 +627,57 @@ class TinyFamily:
         base = self.model(seed)
         return base, perturbed_copy(base, self.noise, seed + 1234)
 
-    def prompt(self, model, **kwargs) -> Dict:
-        """The family's prompt: by default the parity test's; `kwargs` override `prompt_kwargs`."""
-        return self.make_inputs(model, **{**self.prompt_kwargs, **kwargs})
+    def prompt(self, model, purpose: Optional[str] = None, **kwargs) -> Dict:
+        """The family's prompt: by default the parity test's, or the named one
+        `purpose` (see `prompts`; "prefill" is the parity prompt unless named);
+        `kwargs` override both."""
+        if purpose is not None and purpose not in self.prompts and purpose != "prefill":
+            raise ValueError(f"tiny family {self.name!r} has no {purpose!r} prompt; "
+                             f"named: {', '.join(self.prompts) or 'none'}")
+        named = self.prompts.get(purpose, {}) if purpose is not None else {}
+        return self.make_inputs(model, **{**self.prompt_kwargs, **named, **kwargs})
 
 
 _QWEN2_PROMPT = {"images": [(8, 8), (4, 6)], "video": (2, 4, 4)}  # 16 + 6 + 8 visual tokens
+_QWEN2 = dict(
+    make_inputs=make_inputs, n_visual=30, noise=0.05, sharpen=35.0,
+    visual_token_ids=(IMAGE_TOKEN_ID, VIDEO_TOKEN_ID), vision_tower_path="model.visual", prompt_kwargs=_QWEN2_PROMPT,
+    prompts={"one_image": dict(images=[(8, 8)], video=None), "text_only": dict(images=[], video=None),
+             "prefill": dict(images=[(8, 8)], video=None)},
+    patch_prompts=(dict(images=[(8, 8)], video=(2, 4, 4)),), patch_steps=4, patch_tokens=2)
+_ONE_OR_NO_IMAGE = {"one_image": dict(n_images=1), "text_only": dict(n_images=0)}
+_IDEFICS3 = dict(make_inputs=idefics3_inputs, n_visual=2 * IDEFICS3_TOKENS_PER_IMAGE, noise=0.3,
+                 sharpen=IDEFICS3_SHARPEN, visual_token_ids=(IDEFICS3_IMAGE_TOKEN_ID,),
+                 text_model_path="model.text_model", vision_tower_path="model.vision_model",
+                 prompts=_ONE_OR_NO_IMAGE, patch_tokens=3)
+_QWEN3 = dict(make_inputs=qwen3_vl_inputs, n_visual=qwen3_vl_tokens(), noise=0.3, sharpen=QWEN3_SHARPEN, steps=12,
+              visual_token_ids=(QWEN3_IMAGE_ID, QWEN3_VIDEO_ID), vision_tower_path="model.visual",
+              prompts={"one_image": dict(images=[(8, 8)]), "text_only": dict(images=[])})
 
 FAMILIES_TINY: Dict[str, TinyFamily] = {f.name: f for f in (
-    TinyFamily("qwen2_vl", "Qwen2VLForConditionalGeneration", functools.partial(make_model, "qwen2_vl"),
-               make_inputs, n_visual=30, noise=0.05, sharpen=35.0, prompt_kwargs=_QWEN2_PROMPT),
+    TinyFamily("qwen2_vl", "Qwen2VLForConditionalGeneration", functools.partial(make_model, "qwen2_vl"), **_QWEN2),
     TinyFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", functools.partial(make_model, "qwen2_5_vl"),
-               make_inputs, n_visual=30, noise=0.05, sharpen=35.0, prompt_kwargs=_QWEN2_PROMPT),
+               **_QWEN2),
     # NOISE 0.3 below: enough drift that the matched-alignment loss is not a float32 cancellation
     TinyFamily("llava", "LlavaForConditionalGeneration", make_llava, llava_inputs,
-               n_visual=2 * LLAVA_TOKENS_PER_IMAGE, noise=0.3, sharpen=LLAVA_SHARPEN),
+               n_visual=2 * LLAVA_TOKENS_PER_IMAGE, noise=0.3, sharpen=LLAVA_SHARPEN,
+               visual_token_ids=(LLAVA_IMAGE_TOKEN_ID,), prompts=_ONE_OR_NO_IMAGE, patch_tokens=3),
     TinyFamily("llava_onevision", "LlavaOnevisionForConditionalGeneration", make_llava_onevision,
                llava_onevision_inputs, n_visual=OV_IMAGES[(16, 64)][1] + OV_IMAGES[(64, 40)][1], noise=0.3,
-               sharpen=OV_SHARPEN),
+               sharpen=OV_SHARPEN, visual_token_ids=(OV_IMAGE_TOKEN_ID, OV_VIDEO_TOKEN_ID),
+               prompts={"one_image": dict(sizes=((64, 40),)), "text_only": dict(sizes=())}),
     TinyFamily("idefics3", "Idefics3ForConditionalGeneration", functools.partial(make_idefics3, "idefics3"),
-               idefics3_inputs, n_visual=2 * IDEFICS3_TOKENS_PER_IMAGE, noise=0.3, sharpen=IDEFICS3_SHARPEN),
+               **_IDEFICS3),
     TinyFamily("smolvlm", "SmolVLMForConditionalGeneration", functools.partial(make_idefics3, "smolvlm"),
-               idefics3_inputs, n_visual=2 * IDEFICS3_TOKENS_PER_IMAGE, noise=0.3, sharpen=IDEFICS3_SHARPEN),
+               **_IDEFICS3),
+    # Pass@K in the matched alignment: the loop runs layer 0 at least.
     TinyFamily("gemma3", "Gemma3ForConditionalGeneration", make_gemma3, gemma3_inputs,
-               n_visual=2 * GEMMA3_TOKENS_PER_IMAGE, noise=0.3, sharpen=GEMMA3_SHARPEN),
-    TinyFamily("qwen3_vl", "Qwen3VLForConditionalGeneration", make_qwen3_vl, qwen3_vl_inputs,
-               n_visual=qwen3_vl_tokens(), noise=0.3, sharpen=QWEN3_SHARPEN, steps=12),
-    TinyFamily("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", make_qwen3_vl_moe, qwen3_vl_inputs,
-               n_visual=qwen3_vl_tokens(), noise=0.3, sharpen=QWEN3_SHARPEN, steps=12),
+               n_visual=2 * GEMMA3_TOKENS_PER_IMAGE, noise=0.3, sharpen=GEMMA3_SHARPEN,
+               visual_token_ids=(GEMMA3_IMAGE_TOKEN_ID,), prompts=_ONE_OR_NO_IMAGE,
+               patch_prompts=(dict(n_images=1), dict(n_images=2)), passk_config=dict(alignment="matched")),
+    TinyFamily("qwen3_vl", "Qwen3VLForConditionalGeneration", make_qwen3_vl, **_QWEN3, patch_steps=12,
+               passk_steps=4, passk_tokens=3),
+    TinyFamily("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", make_qwen3_vl_moe, **_QWEN3, patch_steps=6),
 )}
 
 
