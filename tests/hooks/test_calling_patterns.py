@@ -265,23 +265,26 @@ def test_train_mode_dropout_and_checkpointing_leave_the_replay_deterministic(pai
         model.eval()
 
 
-def test_two_patched_models_sharing_a_base_in_two_threads(pair):
+@pytest.mark.parametrize("bases", ["shared", "separate"])
+def test_two_patched_models_in_two_threads(pair, bases):
     base, rlvr = pair
     other = tiny.perturbed_copy(base, 0.05, seed=77)
+    other_base = base if bases == "shared" else copy.deepcopy(base)
     inputs = tiny.make_inputs(rlvr)
-    expected = [optimized(base, m, inputs, cfg()).deltas for m in (rlvr, other)]
+    expected = [optimized(b, m, inputs, cfg()).deltas for b, m in ((base, rlvr), (other_base, other))]
     results, errors = [None, None], []
 
-    def run(i, model):
+    def run(i, model, model_base):
         try:
-            with ar.patch(model, base=base, config=cfg()) as handle:
+            with ar.patch(model, base=model_base, config=cfg()) as handle:
                 for _ in range(3):
                     greedy(model, inputs)
                     results[i] = handle.last.deltas
         except BaseException as e:  # reported below, in the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((rlvr, other))]
+    pairs = ((rlvr, base), (other, other_base))
+    threads = [threading.Thread(target=run, args=(i, m, b)) for i, (m, b) in enumerate(pairs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -289,8 +292,8 @@ def test_two_patched_models_sharing_a_base_in_two_threads(pair):
     assert not errors, errors
     for got, want in zip(results, expected):
         assert torch.allclose(got, want, rtol=0, atol=1e-6)
-    assert all(p.requires_grad for m in (base, rlvr, other) for p in m.parameters())
-    assert base.model.rope_deltas is None
+    assert all(p.requires_grad for m in (base, other_base, rlvr, other) for p in m.parameters())
+    assert base.model.rope_deltas is None and other_base.model.rope_deltas is None
 
 
 # ------------------------------------------- the library's forwards are not the user's
