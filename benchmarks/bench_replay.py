@@ -152,9 +152,16 @@ def main(argv=None):
     gpu_shape = args.device == "cuda"
     visual = args.visual or ([1024, 4096] if gpu_shape else [576])
     layers = 16 if gpu_shape else 6
+    meta = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
+                build=ar.build_info(), gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
+    out = args.out or f"benchmarks/results/bench_replay_{args.device}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     rows = []
     for n_vis in visual:
         rows.append(bench_one(args, n_vis, layers, gpu_shape))
+        print(f"row done: {rows[-1]}", flush=True)
+        with open(out, "w") as f:  # after every row: a run cut off by its time limit keeps what it measured
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the models of this size are gone with bench_one's frame
 
@@ -167,12 +174,6 @@ def main(argv=None):
               f"{r['ours_seconds']:8.2f} {r['floor_seconds']:8.2f} {r.get('speedup', float('nan')):8.2f} "
               f"{r.get('published_peak_bytes', 0) / 2**20:9.1f} {r['ours_peak_bytes'] / 2**20:9.1f} "
               f"{r.get('memory_ratio', float('nan')):9.3f} {r.get('offsets_rel_diff', float('nan')):11.2e}")
-    meta = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
-                build=ar.build_info(), gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
-    out = args.out or f"benchmarks/results/bench_replay_{args.device}.json"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\nwrote {out}")
 
 
