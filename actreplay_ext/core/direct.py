@@ -38,6 +38,13 @@ class DirectPlan:
     def counts(self) -> List[int]:
         return [int(p.numel()) for p in self.positions]
 
+    def for_length(self, T: int) -> "DirectPlan":
+        """The same substitutions in rows of length T >= seq_len (the prompt extended
+        by generated tokens, as generate(use_cache=False) runs it)."""
+        if T == self.seq_len:
+            return self
+        return DirectPlan([(p // self.seq_len) * T + p % self.seq_len for p in self.positions], self.values, T)
+
 
 def _layer_entropies(adapter: ModelAdapter, pre: Prefill, L: int, keep_inputs: bool):
     """Entropy of the lens of every layer output [L, B*T], and the layer inputs."""

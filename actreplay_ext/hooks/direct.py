@@ -17,6 +17,7 @@ from ..config import ReplayConfig
 from ..core import ReplayResult, check_config_for, internal_forward, plan_direct, substitute
 from .base_pass import BasePass
 from .handle import ReplayHandle, hidden_of, with_hidden
+from .record import Remembered
 
 __all__ = ["DirectReplay"]
 
@@ -42,12 +43,20 @@ class DirectReplay(ReplayHandle):
         if self._base is None:
             return
         rlvr_pre = self._capture(rec)
+        memory = self._records.remembered
+        if memory is not None and memory.extended_by(rlvr_pre.input_ids, rlvr_pre.hidden0, rlvr_pre.visual):
+            rec.pending = memory.result.for_length(rlvr_pre.hidden0.shape[1])  # use_cache=False: the prompt's plan
+            return
+        encoded = rec.kwargs.get("mm_encoder_outputs")
+        if not rec.vision_calls and memory is not None and memory.encodes(encoded):
+            rec.vision_calls = memory.vision_calls  # the same encoded images once more
         base_pre = self._base.prefill(rec)
         with internal_forward():
             plan = plan_direct(self.adapter, rlvr_pre, self._base.adapter, base_pre, self.config)
         self.last = ReplayResult(torch.zeros(0, rlvr_pre.hidden0.shape[-1]), [], plan.counts,
                                  rlvr_pre.visual.sum(1).tolist(), {}, note="direct substitution",
                                  input_ids=rec.input_ids)
+        self._records.remember(Remembered(rlvr_pre.input_ids, rlvr_pre.hidden0, plan, rec.vision_calls, encoded))
         rec.pending = plan
 
     def _on_layer(self, layer, module, args, kwargs):

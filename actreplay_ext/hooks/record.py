@@ -37,7 +37,7 @@ class Remembered:
 
     input_ids: torch.Tensor  # [B, T]
     hidden0: torch.Tensor  # [B, P, D] its layer-0 input up to the last visual token
-    result: Any  # the ReplayResult
+    result: Any  # the ReplayResult (mode='tokens') or DirectPlan (mode='direct')
     vision_calls: List  # the vision-tower calls of its prompt
     encoded: Any = None  # the encoded features its forward was given (transformers 5.x), by identity
 

@@ -119,6 +119,17 @@ def test_generate_without_a_cache_replays_once_with_the_same_offsets(pair):
     assert torch.equal(handle.last.deltas, with_cache.deltas)
 
 
+def test_direct_mode_without_a_cache_substitutes_like_with_one(pair):
+    """mode='direct' under generate(use_cache=False): the prompt's plan at every step, in inference mode too."""
+    base, rlvr = pair
+    inputs = tiny.make_inputs(rlvr)
+    config = ar.ReplayConfig.preset("deepeyes-7b", layers=3, thresholds=[5.0, 5.0, 5.0])
+    with torch.inference_mode(), ar.patch(rlvr, base=base, config=config) as handle:
+        cached = greedy(rlvr, inputs)
+        uncached = greedy(rlvr, inputs, use_cache=False)
+    assert sum(handle.last.selected) > 0 and torch.equal(uncached, cached)
+
+
 def test_placeholder_tokens_without_images_are_not_replayed(pair):
     base, rlvr = pair
     inputs = tiny.make_inputs(rlvr)
