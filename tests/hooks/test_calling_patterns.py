@@ -12,11 +12,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-
-try:
-    from actreplay_ext.core import in_internal_forward
-except ImportError:  # the layout before actreplay_ext.core (to show these tests fail there)
-    from actreplay_ext.prefill import in_internal_forward
+from actreplay_ext.core import in_internal_forward
 
 transformers = pytest.importorskip("transformers")
 V5 = not transformers.__version__.startswith("4.")
@@ -142,9 +138,11 @@ def test_placeholder_tokens_without_images_are_not_replayed(pair):
 # ------------------------------------------------------- per-forward state
 
 
-def test_a_failed_mid_replay_forward_leaves_nothing_for_the_next_prompt(pair):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_mid_replay_forward_leaves_nothing_for_the_next_prompt(pair, error):
     """The offsets of a mid replay wait for layer inject_layer's input; a forward
-    that raises before it gets there must not hand them to the next prompt."""
+    that raises before it gets there (an Exception, or a KeyboardInterrupt, for
+    which forward hooks' always_call does not run) must not hand them to the next prompt."""
     base, rlvr = pair
     inputs = tiny.make_inputs(rlvr)
     text = tiny.make_inputs(rlvr, images=[], seed=5)
@@ -154,12 +152,12 @@ def test_a_failed_mid_replay_forward_leaves_nothing_for_the_next_prompt(pair):
 
     def boom(mod, args):  # in the user's forward, not in the library's own runs of the layers
         if not in_internal_forward():
-            raise KeyboardInterrupt  # not an Exception: forward hooks' always_call does not run for it
+            raise error("a failure between layer 0 and the inject layer")
 
     with ar.patch(rlvr, base=base, config=cfg(inject_layer=2)):
         hook = layer1.register_forward_pre_hook(boom)
         try:
-            with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            with pytest.raises(error), torch.no_grad():
                 rlvr(**inputs)
         finally:
             hook.remove()
