@@ -10,6 +10,9 @@ from typing import List, Optional
 
 import torch
 
+from . import checks, console, data, provenance
+from .console import UsageError
+
 DESCRIPTION = """\
 Activation Replay for vision-language models: at test time, learn offsets for
 the visual tokens of an RLVR post-trained model so that its low-entropy visual
@@ -24,9 +27,11 @@ commands:
            checkpoints, with and without replay
   analyze  the paper's logit-lens analysis on your checkpoints and prompts:
            KL(base || RLVR) per layer by base-entropy decile, as CSV and PNG
+  ablate   many replay configurations over many prompts, one table
+  passk    Pass@K with and without replay on a JSONL dataset, with bootstrap
+           intervals; data-parallel under `torchrun -m actreplay_ext passk`
 
-`actreplay COMMAND --help` describes each command's options. Pass@K
-evaluation (data-parallel under torchrun) is `python python/eval_passk.py`.
+`actreplay COMMAND --help` describes each command's options.
 """
 
 log = logging.getLogger("actreplay_ext")
@@ -65,15 +70,168 @@ def demo(args) -> int:
     return 0
 
 
-def _config(args):
-    """The preset with the command line's overrides."""
+def _run_checks(args):
+    """Everything `run` can check before a model loads: (config, targets or None,
+    base config, RLVR config)."""
+    if args.base is None and args.targets is None:
+        raise UsageError("give --base (the base checkpoint) or --targets (targets saved before)")
+    checks.media_files(args.image, args.video, "--image/--video")
+    checks.input_file(args.targets, "--targets")
+    for name in ("save_targets", "json", "save_offsets"):
+        checks.output_file(getattr(args, name), "--" + name.replace("_", "-"))
+    targets = None
+    if args.targets:
+        import actreplay_ext as ar
+
+        targets = ar.ReplayTargets.load(args.targets)
+        cfg = _config_from_targets(args, targets.config)
+    else:
+        cfg = console.replay_config(args)
+    if cfg.mode == "direct" and (args.base is None or args.targets or args.save_targets or args.save_offsets):
+        raise UsageError(f"preset {args.preset!r} substitutes base activations directly (it learns nothing): give "
+                         "--base, without --targets/--save-targets/--save-offsets")
+    base_config = checks.checkpoint_config(args.base, "--base") if args.base else None
+    rlvr_config = checks.checkpoint_config(args.rlvr, "--rlvr")
+    checks.check_pair_configs(base_config, rlvr_config, cfg)
+    return cfg, targets, base_config, rlvr_config
+
+
+def _config_from_targets(args, recorded):
+    """--targets brings the configuration its base pass was made with; an
+    explicit option that contradicts it is refused rather than overriding it."""
+    given = {k: getattr(args, k) for k in ("layers",) if getattr(args, k) is not None}
+    for key, value in given.items():
+        if recorded.get(key) != value:
+            raise UsageError(f"--{key} {value} conflicts with --targets {args.targets}, made with {key} = "
+                             f"{recorded.get(key)!r}; drop --{key} or recompute the targets")
+    return console.replay_config(args, **{k: v for k, v in recorded.items() if v is not None})
+
+
+def run(args) -> int:
     import actreplay_ext as ar
 
-    overrides = {k: getattr(args, k) for k in ("layers", "lr", "steps") if getattr(args, k) is not None}
-    thresholds = ar.PRESETS[args.preset].get("thresholds")
-    if thresholds is not None and "layers" in overrides:  # direct presets: one threshold per layer
-        overrides["thresholds"] = list(thresholds)[:overrides["layers"]]
-    return ar.ReplayConfig.preset(args.preset, **overrides)
+    cfg, targets, base_config, rlvr_config = _run_checks(args)
+    log.info("config: %s", _config_line(cfg))
+    processor = data.load_processor(args.rlvr)
+    row = data.Row(id="prompt", question=args.prompt, images=list(args.image or []), video=args.video)
+    inputs = data.encode(processor, row)
+    if targets is not None and not torch.equal(targets.input_ids, inputs["input_ids"]):
+        raise UsageError(f"--targets {args.targets} was made for another prompt (its input_ids differ from this "
+                         "--prompt/--image/--video); recompute it with --save-targets")
+    load = console.load_kwargs(args)
+    t0 = time.perf_counter()
+    log.info("loading the RLVR model from %s", args.rlvr)
+    rlvr = data.load_model(args.rlvr, **load)
+    inputs = {k: v.to(data.input_device(rlvr)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    n_vis = int(ar.get_adapter(rlvr, "rlvr").visual_mask(inputs["input_ids"]).sum())
+    log.info("prompt: %d tokens, %d visual", inputs["input_ids"].shape[1], n_vis)
+    timings = {"load_rlvr_s": time.perf_counter() - t0}
+    if cfg.mode == "direct":
+        answers, result = _run_direct(args, rlvr, inputs, cfg, load, timings)
+    else:
+        answers, result = _run_tokens(args, rlvr, inputs, cfg, targets, load, timings)
+    prompt_len = inputs["input_ids"].shape[1]
+    texts = [data.decode_new(processor, a, prompt_len)[0] for a in answers]
+    print(f"without replay:\n{texts[0]}\n\nwith replay:\n{texts[1]}\n")
+    print(_summary(cfg, result, n_vis, texts))
+    if args.json:
+        console.write_json(args.json, _run_record(args, cfg, result, n_vis, texts, timings,
+                                                  {"base": base_config, "rlvr": rlvr_config}))
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def _generate(rlvr, inputs, args, desc):
+    stop, bar = console.generation_progress(args.max_new_tokens, desc, args.quiet)
+    t0 = time.perf_counter()
+    out = rlvr.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, stopping_criteria=stop)
+    bar.close()
+    new = out.shape[1] - inputs["input_ids"].shape[1]
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d tokens in %.2f s (%.1f tokens/s)", desc, new, seconds, new / max(seconds, 1e-9))
+    return out, seconds
+
+
+def _run_tokens(args, rlvr, inputs, cfg, targets, load, timings):
+    import actreplay_ext as ar
+
+    if targets is None:
+        log.info("loading the base model from %s", args.base)
+        t0 = time.perf_counter()
+        base = data.load_model(args.base, **load)
+        timings["load_base_s"] = time.perf_counter() - t0
+        targets = ar.compute_targets(base, inputs, cfg)
+        del base  # its targets are all the loop needs
+        if args.save_targets:
+            targets.save(args.save_targets)
+            log.info("saved the targets to %s", args.save_targets)
+    bar = _progress_bar(cfg, args.quiet)
+    result = ar.optimize(rlvr, inputs, targets, cfg)
+    bar.close()
+    timings.update({f"replay_{k}_s": v for k, v in result.timings.items()})
+    if args.save_offsets:
+        result.save(args.save_offsets)
+        log.info("saved the offsets to %s", args.save_offsets)
+    plain, timings["generate_without_s"] = _generate(rlvr, inputs, args, "without replay")
+    with ar.apply(rlvr, result):
+        replayed, timings["generate_with_s"] = _generate(rlvr, inputs, args, "with replay")
+    return (plain, replayed), result
+
+
+def _run_direct(args, rlvr, inputs, cfg, load, timings):
+    """Direct substitution (presets deepeyes-7b, video-r1-7b) needs the base
+    model at the prefill; it learns nothing, so there is nothing to save."""
+    import actreplay_ext as ar
+
+    t0 = time.perf_counter()
+    base = data.load_model(args.base, **load)
+    timings["load_base_s"] = time.perf_counter() - t0
+    plain, timings["generate_without_s"] = _generate(rlvr, inputs, args, "without replay")
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        replayed, timings["generate_with_s"] = _generate(rlvr, inputs, args, "with replay")
+    return (plain, replayed), handle.last
+
+
+def _config_line(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in provenance.config_dict(cfg).items())
+
+
+def _summary(cfg, result, n_vis: int, texts) -> str:
+    """One line: what the replay did and whether it changed the answer."""
+    same = "the same answer" if texts[0] == texts[1] else "a different answer"
+    if cfg.mode == "direct":
+        selected = " ".join(map(str, getattr(result, "selected", []) or [])) or "-"
+        return (f"direct substitution at layers {_layers_text(cfg)} ({n_vis} visual tokens, substituted "
+                f"{selected}): {same}")
+    if result is None or not result.losses:
+        return f"no replay ({getattr(result, 'note', '') or 'nothing to optimise'}): {same}"
+    losses = result.losses
+    if not any(result.selected):
+        return (f"no-op replay: none of the {n_vis} visual tokens was selected in layers {_layers_text(cfg)} "
+                f"(loss {losses[0]:.4g} throughout), so the offsets are zero: {same}")
+    return (f"replay: {n_vis} visual tokens, selected {' '.join(map(str, result.selected))} in layers "
+            f"{_layers_text(cfg)}; loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps "
+            f"({result.timings['loop']:.2f} s): {same}")
+
+
+def _layers_text(cfg) -> str:
+    layers = getattr(cfg, "replay_layers", None) or list(range(cfg.layers))
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
+
+
+def _run_record(args, cfg, result, n_vis, texts, timings, configs):
+    models = {name: checks.checkpoint_identity(path, configs[name])
+              for name, path in (("base", args.base), ("rlvr", args.rlvr)) if path}
+    record = {"prompt": {"text": args.prompt, "images": args.image or [], "video": args.video},
+              "answers": {"without_replay": texts[0], "with_replay": texts[1]},
+              "n_visual": n_vis, "config": provenance.config_dict(cfg), "models": models,
+              "max_new_tokens": args.max_new_tokens, "timings": {k: round(v, 4) for k, v in timings.items()},
+              "versions": provenance.versions()}
+    if result is not None:
+        record.update(losses=list(getattr(result, "losses", [])), selected=list(result.selected),
+                      note=getattr(result, "note", ""))
+    return record
 
 
 def _progress_bar(cfg, quiet: bool):
@@ -85,111 +243,36 @@ def _progress_bar(cfg, quiet: bool):
     return bar
 
 
-def _load_options(p):
-    p.add_argument("--dtype", default=None,
-                   help="torch dtype of the weights (default: bfloat16 on a GPU, else float32)")
-    p.add_argument("--device-map", default=None,
-                   help='where the weights go (default: "auto" with a GPU, else the CPU); any accelerate device_map')
-    p.add_argument("--attn", default="sdpa", help="attention implementation: eager, sdpa or flash_attention_2")
-
-
-def _load_kwargs(args):
-    gpu = torch.cuda.is_available()
-    return dict(dtype=args.dtype or ("bfloat16" if gpu else "float32"),
-                device_map=args.device_map or ("auto" if gpu else None), attn=args.attn)
-
-
-def run(args) -> int:
-    import actreplay_ext as ar
-    from actreplay_ext import data
-
-    if args.base is None and args.targets is None:
-        raise SystemExit("actreplay run: give --base (the base checkpoint) or --targets (targets saved before)")
-    load = _load_kwargs(args)
-    log.info("loading the RLVR model and processor from %s", args.rlvr)
-    rlvr = data.load_model(args.rlvr, **load)
-    processor = data.load_processor(args.rlvr)
-    row = data.Row(id="prompt", question=args.prompt, images=list(args.image or []), video=args.video)
-    inputs = data.encode(processor, row, data.input_device(rlvr))
-    prompt_len = inputs["input_ids"].shape[1]
-    n_vis = int(ar.get_adapter(rlvr, "rlvr").visual_mask(inputs["input_ids"]).sum())
-    log.info("prompt: %d tokens, %d visual", prompt_len, n_vis)
-    cfg = _config(args)
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
-
-    if cfg.mode == "direct":
-        return _run_direct(args, rlvr, processor, inputs, cfg, load)
-    if args.targets:
-        targets = ar.ReplayTargets.load(args.targets)
-    else:
-        log.info("loading the base model from %s", args.base)
-        base = data.load_model(args.base, **load)
-        targets = ar.compute_targets(base, inputs, cfg)
-        del base  # its targets are all the loop needs
-        if args.save_targets:
-            targets.save(args.save_targets)
-            log.info("saved the targets to %s", args.save_targets)
-    bar = _progress_bar(cfg, args.quiet)
-    result = ar.optimize(rlvr, inputs, targets, cfg)
-    bar.close()
-    plain = rlvr.generate(**inputs, **gen)
-    with ar.apply(rlvr, result):
-        replayed = rlvr.generate(**inputs, **gen)
-    losses = result.losses
-    print(f"visual tokens: {n_vis}; selected per layer: {' '.join(map(str, result.selected)) or '-'}")
-    if losses:
-        print(f"loss: {losses[0]:.6g} -> {losses[-1]:.6g} over {len(losses)} steps ({result.timings['loop']:.2f} s)")
-    else:
-        print(f"no replay: {result.note}")
-    print(f"\nwithout replay:\n{data.decode_new(processor, plain, prompt_len)[0]}")
-    print(f"\nwith replay:\n{data.decode_new(processor, replayed, prompt_len)[0]}")
-    return 0
-
-
-def _run_direct(args, rlvr, processor, inputs, cfg, load) -> int:
-    """Direct substitution (presets deepeyes-7b, video-r1-7b) needs the base
-    model at the prefill; it learns nothing, so there are no targets to save."""
-    import actreplay_ext as ar
-    from actreplay_ext import data
-
-    if args.base is None or args.targets or args.save_targets:
-        raise SystemExit(f"actreplay run: preset {args.preset!r} substitutes base activations directly; give "
-                         "--base, without --targets/--save-targets")
-    base = data.load_model(args.base, **load)
-    prompt_len = inputs["input_ids"].shape[1]
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
-    plain = rlvr.generate(**inputs, **gen)
-    with ar.patch(rlvr, base=base, config=cfg):
-        replayed = rlvr.generate(**inputs, **gen)
-    print(f"direct substitution at layers 0..{cfg.layers - 1}")
-    print(f"\nwithout replay:\n{data.decode_new(processor, plain, prompt_len)[0]}")
-    print(f"\nwith replay:\n{data.decode_new(processor, replayed, prompt_len)[0]}")
-    return 0
-
-
 def analyze(args) -> int:
-    from actreplay_ext import analysis, data
+    from . import analysis
 
+    checks.output_dir(args.out, "--out")
     if args.demo:
-        from actreplay_ext import tiny
+        from . import tiny
 
         torch.manual_seed(0)
         base, rlvr = tiny.make_pair("qwen2_5_vl", noise=0.2)
         processor = tiny.make_processor(rlvr)
         rows = data.synthetic_rows(6)
-        title = "embedded tiny pair (random weights), 6 synthetic prompts"
+        names, title = ("tiny base", "tiny RLVR"), "embedded tiny pair (random weights), 6 synthetic prompts"
     else:
         missing = [n for n in ("base", "rlvr", "data") if getattr(args, n) is None]
         if missing:
-            raise SystemExit("actreplay analyze: without --demo, give " + ", ".join("--" + m for m in missing))
-        load = _load_kwargs(args)
-        base, rlvr = data.load_model(args.base, **load), data.load_model(args.rlvr, **load)
+            raise UsageError("without --demo, give " + ", ".join("--" + m for m in missing))
+        rows = data.read_jsonl(args.data, check_files=True)
+        configs = [checks.checkpoint_config(path, arg) for path, arg in ((args.base, "--base"), (args.rlvr, "--rlvr"))]
+        checks.check_pair_configs(*configs)
+        if args.layers is not None and args.layers > configs[1].get_text_config().num_hidden_layers:
+            raise UsageError(f"--layers {args.layers} exceeds the model's "
+                             f"{configs[1].get_text_config().num_hidden_layers} decoder layers")
         processor = data.load_processor(args.rlvr)
-        rows = data.read_jsonl(args.data)
-        title = ""
+        load = console.load_kwargs(args)
+        base, rlvr = data.load_model(args.base, **load), data.load_model(args.rlvr, **load)
+        names, title = (_model_name(args.base), _model_name(args.rlvr)), ""
     if args.limit:
         rows = rows[:args.limit]
     acc = analysis.Analysis()
+    acc.names = names  # the model names, for the plots and tables
     skipped = 0
     for row in _iterate(rows, "prompts", args.quiet):
         stats = analysis.lens_kl(base, rlvr, data.encode(processor, row, data.input_device(rlvr)), args.layers)
@@ -198,7 +281,7 @@ def analyze(args) -> int:
         else:
             skipped += 1
     if not acc.prompts:
-        raise SystemExit("actreplay analyze: none of the prompts has visual tokens")
+        raise UsageError("none of the prompts has visual tokens")
     if skipped:
         log.warning("%d prompt(s) without visual tokens were skipped", skipped)
     paths = acc.write_csv(args.out) + analysis.plot(acc, args.out, title)
@@ -211,30 +294,33 @@ def analyze(args) -> int:
     return 0
 
 
+def _model_name(path: str) -> str:
+    """A checkpoint's short name for titles and CSV columns: its last path component."""
+    import os
+
+    return os.path.basename(os.path.normpath(path)) or path
+
+
 def _iterate(items, desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, disable=quiet, leave=False)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from actreplay_ext.config import PRESETS
-
-    parser = argparse.ArgumentParser(prog="actreplay", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars; only warnings and errors in the log")
-    # --quiet also after the command; SUPPRESS keeps the subcommand from resetting it
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_demo(sub, common) -> None:
     p = sub.add_parser("demo", help="replay on the embedded tiny pair and print what it did", parents=[common])
-    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_5_vl")
-    p.add_argument("--layers", type=int, default=3, help="replay layers (default 3 of the tiny model's 4)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_5_vl", help="the tiny pair's family")
+    p.add_argument("--layers", type=console.layers_arg, default=3,
+                   help="replay layers: a count N (0..N-1) or a list like 0,2 (default 3 of the tiny model's 4)")
+    p.add_argument("--steps", type=int, default=10, help="optimisation steps (default 10)")
     p.add_argument("--lr", type=float, default=0.02,
                    help="step size (the published 10.0 is for real 7B models; random tiny ones need less)")
     p.add_argument("--seed", type=int, default=0, help="which built-in prompt")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8)")
+
+
+def _add_run(sub, common) -> None:
+    from .config import PRESETS
 
     p = sub.add_parser("run", help="answer one prompt with your checkpoints, with and without replay", parents=[common],
                        description="Answer one prompt with a base/RLVR checkpoint pair, greedily, with and "
@@ -243,23 +329,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rlvr", required=True, help="RLVR post-trained model: a local checkpoint directory or hub id")
     p.add_argument("--image", nargs="+", metavar="FILE", help="one or more images, in prompt order")
     p.add_argument("--video", metavar="FILE|DIR",
-                   help="a video file (needs PyAV or torchcodec) or a directory of frames")
+                   help="a video file (decoded with PyAV: the 'video' extra) or a directory of frame images")
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--preset", default="mm-eureka-7b", choices=sorted(PRESETS), help="replay configuration")
-    p.add_argument("--layers", type=int, help="override the preset's replay layers (direct presets: the first N "
-                                             "thresholds)")
+    p.add_argument("--layers", type=console.layers_arg,
+                   help="override the preset's replay layers: a count N (0..N-1) or a list like 0,2,4 "
+                        "(direct presets: those layers' thresholds)")
     p.add_argument("--lr", type=float, help="override the preset's step size")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
     p.add_argument("--save-targets", metavar="F", help="save the base model's targets (safetensors) for reuse")
-    p.add_argument("--targets", metavar="F", help="use targets saved before instead of running the base model")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    _load_options(p)
+    p.add_argument("--targets", metavar="F",
+                   help="use targets saved before instead of running the base model (their layers and selection "
+                        "settings come with them)")
+    p.add_argument("--save-offsets", metavar="F", help="save the learned offsets (safetensors, ReplayResult.save)")
+    p.add_argument("--json", metavar="F",
+                   help="write the answers, losses, selected counts, timings and resolved config as JSON")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="answer length (default 1024)")
+    console.add_load_options(p)
 
+
+def _add_analyze(sub, common) -> None:
     p = sub.add_parser("analyze", help="KL(base || RLVR) of the logit lens by base-entropy decile, CSV and PNG",
                        parents=[common],
                        description="Per layer, the KL(base || RLVR) of the logit lens at every visual token, "
-                                   "bucketed by the base model's lens entropy (deciles); writes "
-                                   "kl_by_entropy_decile.csv/.png and entropy_histogram.csv/.png to --out.")
+                                   "bucketed by the base model's lens entropy (deciles); writes the CSV tables "
+                                   "and the plots to --out.")
     p.add_argument("--base", help="base checkpoint")
     p.add_argument("--rlvr", help="RLVR checkpoint (its processor is used)")
     p.add_argument("--data", metavar="JSONL", help='prompts: {"question", "image"|"images"|"video"} per line')
@@ -267,21 +361,46 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--layers", type=int, help="analyse layers 0..N-1 (default: all)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument("--demo", action="store_true", help="the embedded tiny pair and 6 synthetic prompts (no download)")
-    _load_options(p)
+    console.add_load_options(p)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import ablate, passk
+
+    parser = argparse.ArgumentParser(prog="actreplay", description=DESCRIPTION, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=console.version_line(),
+                        help="the package, torch and transformers versions, and whether the CUDA kernels are built")
+    console.add_logging_options(parser)
+    # the logging options also after the command; SUPPRESS keeps the subcommand from resetting them
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    console.add_logging_options(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub, common)
+    _add_run(sub, common)
+    _add_analyze(sub, common)
+    p = sub.add_parser("ablate", parents=[common], help="many replay configurations over many prompts, one table",
+                       description=ablate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ablate.add_arguments(p)
+    p = sub.add_parser("passk", parents=[common], help="Pass@K with and without replay (data-parallel under torchrun)",
+                       description=passk.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    passk.add_arguments(p)
+    for action in sub.choices.values():
+        action.allow_abbrev = False  # "--n" must never silently mean "--max-new-tokens"
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from . import ablate, passk
+
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    commands = {"demo": demo, "run": run, "analyze": analyze}
+    commands = {"demo": demo, "run": run, "analyze": analyze, "ablate": ablate.ablate, "passk": passk.evaluate}
     if args.command not in commands:
         parser.print_help()
         return 2
-    try:
-        return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-        # Bad input (mismatched models, a configuration beyond the model, a missing
-        # file) is the user's to fix: one line, not a traceback.
-        print(f"actreplay {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    console.setup_logging(args)
+    return console.guarded(f"actreplay {args.command}", lambda: commands[args.command](args), args.verbose)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,13 @@ def _resolve(path, root: str):
     return os.path.join(root, path) if isinstance(path, str) and not os.path.isabs(path) else path
 
 
-def read_jsonl(path: str) -> List[Row]:
-    """The rows of a JSONL dataset; a malformed line is an error naming it."""
+def read_jsonl(path: str, check_files: bool = True) -> List[Row]:
+    """The rows of a JSONL dataset; a malformed line, or (with `check_files`)
+    an image or video that is not there, is an error naming `file:line`."""
     root = os.path.dirname(os.path.abspath(path))
     rows, seen = [], set()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found" if not os.path.exists(path) else f"{path!r} is not a file")
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -67,9 +70,29 @@ def read_jsonl(path: str) -> List[Row]:
                       choices=obj.get("choices"))
             if row.id in seen:
                 raise ValueError(f"{path}:{n}: duplicate id {row.id!r}")
+            _check_row(row, obj, f"{path}:{n}", check_files)
             seen.add(row.id)
             rows.append(row)
     return rows
+
+
+def _check_row(row: Row, obj: Dict, where: str, check_files: bool) -> None:
+    """The fields' types, and (with `check_files`) that every file is there.
+    Other fields (a dataset's own metadata) are allowed and ignored."""
+    if not all(isinstance(p, str) for p in row.images):
+        raise ValueError(f"{where}: 'image'/'images' must be a path or a list of paths")
+    if row.choices is not None and (not isinstance(row.choices, list) or not row.choices
+                                    or len(row.choices) > len(string.ascii_uppercase)):
+        raise ValueError(f"{where}: 'choices' must be a list of 1..26 options")
+    if not check_files:
+        return
+    for p in row.images:
+        if not os.path.isfile(p):
+            raise ValueError(f"{where}: image {p!r} not found")
+    frames = row.video if isinstance(row.video, list) else [row.video] if row.video is not None else []
+    for p in frames:
+        if not isinstance(p, str) or not os.path.exists(p):
+            raise ValueError(f"{where}: video {p!r} not found")
 
 
 def question_text(row: Row) -> str:

@@ -36,8 +36,11 @@ def get_adapter(model: nn.Module, argument: str = "model") -> ModelAdapter:
 
 
 def check_pair(rlvr: ModelAdapter, base: ModelAdapter) -> None:
-    """Base and RLVR models must share the architecture the method relies on."""
+    """Base and RLVR models must share the architecture the method relies on:
+    the same model class (a Qwen2-VL base does not pair with a Qwen2.5-VL RLVR
+    model, however alike their sizes), widths, depth and visual token ids."""
     checks: List[Tuple[str, object, object]] = [
+        ("model class", type(rlvr.model).__name__, type(base.model).__name__),
         ("hidden size", rlvr.hidden_size, base.hidden_size),
         ("vocabulary size", rlvr.vocab_size, base.vocab_size),
         ("number of decoder layers", rlvr.num_layers, base.num_layers),

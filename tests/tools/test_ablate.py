@@ -1,18 +1,14 @@
-"""python/ablate.py --demo: every configuration on every built-in prompt, one table."""
+"""`actreplay ablate --demo`: every configuration on every built-in prompt, one table."""
 
 import json
-import sys
 
-from helpers import PYTHON_DIR
-
-sys.path.insert(0, PYTHON_DIR)
-
-import ablate
+from actreplay_ext import ablate
 
 
 def test_ablate_demo_writes_the_table(tmp_path, capsys):
-    assert ablate.main(["--demo", "--out", str(tmp_path)]) == 0
-    rows = json.load(open(tmp_path / "ablation.json"))
+    assert ablate.main(["--demo", "--quiet", "--out", str(tmp_path)]) == 0
+    report = json.load(open(tmp_path / "ablation.json"))
+    rows = report["rows"]
     configs = [c["name"] for c in ablate.demo_setup()[3]]
     assert [r["config"] for r in rows] == [c for c in configs for _ in range(3)]
     by = {(r["config"], r["prompt"]): r for r in rows}

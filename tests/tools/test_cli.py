@@ -61,9 +61,11 @@ def test_run_answers_with_and_without_replay(checkpoints, capsys, tmp_path):
     targets = str(tmp_path / "targets.safetensors")
     prompt = ["--rlvr", rlvr, "--image", *images, "--prompt", "what is 3 + 4 ?", *RUN_ARGS]
     out = run_output(capsys, "--base", base, *prompt, "--save-targets", targets)
-    n_vis = int(out.split("visual tokens: ")[1].split(";")[0])
-    selected = [int(x) for x in out.split("selected per layer: ")[1].split("\n")[0].split()]
-    first, last = (float(x) for x in out.split("loss: ")[1].split(" over")[0].split(" -> "))
+    summary = out.strip().splitlines()[-1]
+    n_vis = int(summary.split("replay: ")[1].split(" visual tokens")[0])
+    selected = [int(x) for x in summary.split("selected ")[1].split(" in layers")[0].split()]
+    first, last = (float(x) for x in summary.split("loss ")[1].split(" over")[0].split(" -> "))
+    assert "in layers 0-2;" in summary
     assert n_vis == 6 + 4 and len(selected) == 3 and 0 < max(selected) < n_vis
     assert last < first
 
@@ -85,10 +87,10 @@ def test_run_answers_with_and_without_replay(checkpoints, capsys, tmp_path):
     assert untimed(again) == untimed(out)
 
 
-def test_run_needs_a_base_or_targets(checkpoints):
+def test_run_needs_a_base_or_targets(checkpoints, capsys):
     _, rlvr, images = checkpoints
-    with pytest.raises(SystemExit, match="give --base .* or --targets"):
-        cli.main(["--quiet", "run", "--rlvr", rlvr, "--image", images[0], "--prompt", "hi"])
+    assert cli.main(["--quiet", "run", "--rlvr", rlvr, "--image", images[0], "--prompt", "hi"]) == 2
+    assert "give --base (the base checkpoint) or --targets" in capsys.readouterr().err
 
 
 def test_analyze_demo_writes_csv_and_plots(tmp_path, capsys):
@@ -112,9 +114,9 @@ def test_analyze_demo_writes_csv_and_plots(tmp_path, capsys):
     assert all(float(r["mean_kl"]) > 0 for r in rows)
 
 
-def test_analyze_needs_its_inputs():
-    with pytest.raises(SystemExit, match="without --demo, give --base, --rlvr, --data"):
-        cli.main(["--quiet", "analyze", "--out", "x"])
+def test_analyze_needs_its_inputs(capsys, tmp_path):
+    assert cli.main(["--quiet", "analyze", "--out", str(tmp_path)]) == 2
+    assert "without --demo, give --base, --rlvr, --data" in capsys.readouterr().err
 
 
 def test_synthetic_rows_roundtrip_through_jsonl(tmp_path):
@@ -125,7 +127,7 @@ def test_synthetic_rows_roundtrip_through_jsonl(tmp_path):
              {"question": "q3", "video": "img"}]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    rows = data.read_jsonl(str(path))
+    rows = data.read_jsonl(str(path), check_files=False)
     assert [r.id for r in rows] == ["a", "2", "3"]
     assert rows[0].images == [str(tmp_path / "img/x.png")] and rows[0].answer == "3"
     assert rows[1].images[1] == "/abs/y.png" and rows[1].choices == ["1", "2"]
@@ -133,6 +135,12 @@ def test_synthetic_rows_roundtrip_through_jsonl(tmp_path):
     assert data.question_text(rows[1]) == "q2\nA. 1\nB. 2"
     path.write_text('{"question": "ok"}\n{"image": "x.png"}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:2: each row needs a 'question' string"):
+        data.read_jsonl(str(path))
+    path.write_text('{"question": "ok"}\n{"question": "q", "image": "img/missing.png"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: image '.*img/missing.png' not found"):
+        data.read_jsonl(str(path))
+    path.write_text('{"question": "q", "video": "clip.mp4"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: video '.*clip.mp4' not found"):
         data.read_jsonl(str(path))
 
 
@@ -148,13 +156,13 @@ def test_bad_input_is_one_line_not_a_traceback(checkpoints, capsys):
     assert "actreplay run: error:" in capsys.readouterr().err
 
 
-def test_run_direct_preset_substitutes_like_patch(checkpoints, capsys):
+def test_run_direct_preset_substitutes_like_patch(checkpoints, capsys, tmp_path):
     """--preset deepeyes-7b (direct substitution) with --layers 3 uses the first
     three published thresholds and answers as patch() does."""
     base, rlvr, images = checkpoints
     out = run_output(capsys, "--base", base, "--rlvr", rlvr, "--image", *images, "--prompt", "what is 3 + 4 ?",
                      "--preset", "deepeyes-7b", "--layers", "3", "--max-new-tokens", "6")
-    assert "direct substitution at layers 0..2" in out
+    assert "direct substitution at layers 0-2" in out
     model, processor = data.load_model(rlvr, "float32", None, "sdpa"), data.load_processor(rlvr)
     inputs = data.encode(processor, data.Row("x", "what is 3 + 4 ?", images=images))
     cfg = ar.ReplayConfig.preset("deepeyes-7b", layers=3, thresholds=list(ar.config.DIRECT_THRESHOLDS[:3]))
@@ -162,9 +170,11 @@ def test_run_direct_preset_substitutes_like_patch(checkpoints, capsys):
         replayed = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert sum(handle.last.selected) > 0  # something was substituted
     assert answers(out)[1] == data.decode_new(processor, replayed, inputs["input_ids"].shape[1])[0]
-    with pytest.raises(SystemExit, match="substitutes base activations directly"):
-        cli.main(["--quiet", "run", "--rlvr", rlvr, "--targets", "t.safetensors", "--prompt", "hi",
-                  "--preset", "deepeyes-7b", "--layers", "3"])
+    targets = tmp_path / "t.safetensors"
+    targets.write_bytes(b"")
+    assert cli.main(["--quiet", "run", "--rlvr", rlvr, "--base", base, "--save-targets", str(targets), "--prompt",
+                     "hi", "--preset", "deepeyes-7b", "--layers", "3"]) == 2
+    assert "substitutes base activations directly" in capsys.readouterr().err
 
 
 def test_run_with_a_video_directory(checkpoints, tmp_path, capsys):
@@ -179,7 +189,7 @@ def test_run_with_a_video_directory(checkpoints, tmp_path, capsys):
     out = run_output(capsys, "--base", base, "--rlvr", rlvr, "--video", str(frames), "--prompt",
                      "how many frames are in this video ?", *RUN_ARGS)
     # 4 frames of 56 x 56: 2 temporal patches x 4 x 4 patches / 2 x 2 merge = 8 visual tokens
-    assert "visual tokens: 8;" in out
+    assert "replay: 8 visual tokens" in out
 
 
 def test_analyze_on_checkpoints_and_a_jsonl(checkpoints, tmp_path, capsys):

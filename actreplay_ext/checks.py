@@ -1,0 +1,131 @@
+"""The checks a command runs before it loads any weights: checkpoints exist
+(a local path that does not is "not found", not a bad hub id), the base/RLVR
+pair fits together and the replay configuration fits the model (the very
+checks `patch` runs, on weightless copies built from the configs), input files
+exist, output files can be written. Each failure is a `UsageError` naming the
+argument."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Dict, Optional
+
+import torch
+
+from .console import UsageError
+
+__all__ = ["checkpoint_config", "checkpoint_identity", "check_pair_configs", "input_file", "output_file",
+           "output_dir", "media_files"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def checkpoint_config(path: str, arg: str):
+    """The transformers config of checkpoint `path` (a local directory, or a
+    hub id where the network or the cache allows)."""
+    from transformers import AutoConfig
+
+    local = os.path.exists(path) or not _HUB_ID.match(path) or path.startswith((".", "~"))
+    if local:
+        if not os.path.isdir(path):
+            raise UsageError(f"{arg}: {path!r} not found (no such directory)" if not os.path.exists(path)
+                             else f"{arg}: {path!r} is a file; give the checkpoint's directory")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"{arg}: {path!r} holds no config.json; it is not a transformers checkpoint")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = "the directory" if local else "the hub (or its cache)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{arg}: cannot read the config of {path!r} from {where}: {first}") from None
+
+
+def _weightless(config):
+    """The model of `config` on the meta device: its adapter sees the
+    architecture without a byte of weights."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForImageTextToText.from_config(config)
+        except ValueError as e:  # a config the auto class does not know
+            raise UsageError(f"{type(config).__name__} is not a vision-language model transformers can "
+                             f"build ({str(e).splitlines()[0]})") from None
+
+
+def check_pair_configs(base_config, rlvr_config, cfg=None) -> None:
+    """`patch`'s own pair and configuration checks, on weightless models."""
+    from .core.validation import check_config_for
+    from .models import get_adapter
+    from .models.registry import check_pair
+
+    rlvr = get_adapter(_weightless(rlvr_config), "--rlvr")
+    if base_config is not None:
+        base = get_adapter(_weightless(base_config), "--base")
+        check_pair(rlvr, base)
+    if cfg is not None:
+        check_config_for(rlvr, cfg, "RLVR")
+
+
+def checkpoint_identity(path: str, config=None) -> Dict:
+    """What identifies a checkpoint's weights without reading them: its path,
+    the hash of its config.json, the names, sizes and modification times of
+    its weight files, and the hub revision when it came from the hub."""
+    ident: Dict = {"path": path}
+    if os.path.isdir(path):
+        ident["resolved"] = os.path.realpath(path)
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            ident["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        ident["weights"] = sorted(
+            [n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns]
+            for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".pt")))
+    revision = getattr(config, "_commit_hash", None)
+    if revision:
+        ident["revision"] = revision
+    return ident
+
+
+def input_file(path: Optional[str], arg: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"{arg}: {path!r} not found" if not os.path.exists(path) else f"{arg}: {path!r} is not a file")
+
+
+def output_file(path: Optional[str], arg: str) -> None:
+    """`path` can be written: its directory exists and is writable, and it is not a directory."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{arg}: {path!r} is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{arg}: the directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{arg}: the directory {directory!r} is not writable")
+
+
+def output_dir(path: Optional[str], arg: str) -> None:
+    """`path` is (or is made) a writable directory."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{arg}: {path!r} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{arg}: cannot create the directory {path!r} ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{arg}: the directory {path!r} is not writable")
+
+
+def media_files(images, video, where: str) -> None:
+    """Every image and video path of a prompt exists (`where` names the
+    argument or the `file:line`)."""
+    for p in images or []:
+        if isinstance(p, str) and not os.path.isfile(p):
+            raise UsageError(f"{where}: image {p!r} not found")
+    frames = video if isinstance(video, (list, tuple)) else [video] if isinstance(video, str) else []
+    for p in frames:
+        if isinstance(p, str) and not os.path.exists(p):
+            raise UsageError(f"{where}: video {p!r} not found")

@@ -1,0 +1,178 @@
+"""What every command-line tool shares: the logging and verbosity options, the
+model-loading options with one set of defaults, atomic file writes, a
+generation progress bar, and `guarded`, which turns bad input into one line
+(exit 2) and Ctrl-C into "interrupted" (exit 130)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from typing import Callable
+
+import torch
+
+__all__ = ["UsageError", "add_logging_options", "add_load_options", "setup_logging", "load_kwargs", "guarded",
+           "write_text", "write_json", "generation_progress", "version_line", "layers_arg", "replay_config"]
+
+log = logging.getLogger("actreplay_ext")
+
+
+class UsageError(ValueError):
+    """Bad input that the user fixes: a one-line message, exit status 2."""
+
+
+def version_line() -> str:
+    import transformers
+
+    import actreplay_ext
+
+    cuda = actreplay_ext.build_info().get("cuda")
+    return (f"actreplay_ext {actreplay_ext.__version__} (torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, CUDA kernels {'built' if cuda else 'not built'})")
+
+
+def add_logging_options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--quiet/--verbose/--log-level. `suppress`: for a subcommand's copy, so
+    the options work before or after the command without resetting each other."""
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="no progress bars (ours, transformers', huggingface_hub's); only warnings and errors")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="debug logging, and a traceback with every error")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
+                   help="the level of actreplay_ext's log (default info; --quiet: warning; --verbose: debug)")
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="torch dtype of the weights (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--device-map", default=None,
+                   help='where the weights go (default: "auto" with a GPU, else the CPU); any accelerate device_map')
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
+                   help="attention implementation (default sdpa)")
+
+
+def load_kwargs(args, device=None) -> dict:
+    """The arguments of data.load_model, with the defaults every tool shares.
+    `device`: one device for the whole model (a data-parallel rank)."""
+    gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    device_map = {"": str(device)} if device is not None else (args.device_map or ("auto" if gpu else None))
+    return dict(dtype=args.dtype or ("bfloat16" if gpu else "float32"), device_map=device_map, attn=args.attn)
+
+
+def layers_arg(text: str):
+    """--layers: a count N (layers 0..N-1) or a comma-separated list of layer indices."""
+    try:
+        if "," in text:
+            return [int(x) for x in text.split(",") if x.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 16 or a list like 0,2,4, got {text!r}") from None
+
+
+def replay_config(args, **overrides):
+    """The preset named by --preset with --layers/--lr/--steps (and `overrides`)
+    on top; a bad combination is a UsageError naming the options."""
+    from .config import PRESETS, ReplayConfig
+
+    given = {k: getattr(args, k) for k in ("layers", "lr", "steps") if getattr(args, k, None) is not None}
+    given.update(overrides)
+    thresholds = PRESETS[args.preset].get("thresholds")
+    layers = given.get("layers")
+    if thresholds is not None and layers is not None:  # direct presets: one threshold per layer
+        wanted = range(layers) if isinstance(layers, int) else layers
+        if any(not 0 <= l < len(thresholds) for l in wanted):
+            raise UsageError(f"--layers {layers}: preset {args.preset!r} has thresholds for layers "
+                             f"0..{len(thresholds) - 1} only")
+        given["thresholds"] = [thresholds[l] for l in wanted]
+    try:
+        return ReplayConfig.preset(args.preset, **given)
+    except ValueError as e:
+        raise UsageError(f"--preset {args.preset} with {given}: {e}") from None
+
+
+class _OneHandler(logging.StreamHandler):
+    """The CLI's handler on the package logger (a marker class: setting up twice replaces it)."""
+
+
+def setup_logging(args) -> None:
+    """One handler on the "actreplay_ext" logger (the root logger is left alone,
+    so nothing prints twice); --quiet also silences transformers and
+    huggingface_hub, their progress bars included."""
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = getattr(args, "log_level", None) or ("debug" if verbose else "warning" if quiet else "info")
+    log.handlers[:] = [h for h in log.handlers if not isinstance(h, _OneHandler)]
+    handler = _OneHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+        except ImportError:  # an old huggingface_hub: transformers' switch above covers its bars
+            pass
+        else:
+            disable_progress_bars()
+
+
+def guarded(prog: str, command: Callable[[], int], verbose: bool = False) -> int:
+    """Run a command: bad input is one line on stderr and exit 2 (a traceback
+    too with --verbose); Ctrl-C is "interrupted" and exit 130."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
+            ImportError, OSError) as e:
+        # The user's to fix (mismatched models, a configuration beyond the model, a
+        # missing file or package): one line, not a traceback.
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a whole file or nothing: into a temporary file beside it, then
+    renamed over it (an interrupt never leaves half a file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    import json
+
+    write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def generation_progress(max_new_tokens: int, desc: str, quiet: bool):
+    """A `stopping_criteria` list for `generate` that advances a progress bar
+    by one per generated token (it never stops generation), and the bar."""
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=quiet, leave=False)
+
+    class _Advance(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Advance()]), bar

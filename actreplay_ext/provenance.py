@@ -1,0 +1,55 @@
+"""How a result was made, for the files the tools write: the resolved replay
+configuration as plain JSON, the versions of everything that computes it
+(and the git revision of the source when it is a checkout), and file names
+made safe from dataset ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import subprocess
+from typing import Dict, Optional
+
+__all__ = ["config_dict", "versions", "git_revision", "file_name"]
+
+
+def config_dict(cfg) -> Dict:
+    """The fields of a ReplayConfig as JSON values (the callback is not a setting)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "callback"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+def git_revision() -> Optional[Dict]:
+    """The commit of the package's source and whether it has local changes,
+    when the package runs from a git checkout (an installed wheel: None)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def versions() -> Dict:
+    import torch
+    import transformers
+
+    import actreplay_ext
+
+    info = actreplay_ext.build_info()
+    return {"actreplay_ext": actreplay_ext.__version__, "git": git_revision(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "cuda_kernels": bool(info.get("cuda")), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else None}
+
+
+def file_name(row_id: str) -> str:
+    """A dataset id as a file name: path separators and other odd characters become '_'."""
+    safe = re.sub(r"[^\w.-]", "_", str(row_id)).lstrip(".")
+    return safe or "_"
