@@ -399,8 +399,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command not in commands:
         parser.print_help()
         return 2
-    console.setup_logging(args)
-    return console.guarded(f"actreplay {args.command}", lambda: commands[args.command](args), args.verbose)
+    restore = console.setup_logging(args)
+    try:
+        return console.guarded(f"actreplay {args.command}", lambda: commands[args.command](args), args.verbose)
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

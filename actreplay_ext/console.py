@@ -99,12 +99,15 @@ class _OneHandler(logging.StreamHandler):
     """The CLI's handler on the package logger (a marker class: setting up twice replaces it)."""
 
 
-def setup_logging(args) -> None:
+def setup_logging(args) -> Callable[[], None]:
     """One handler on the "actreplay_ext" logger (the root logger is left alone,
     so nothing prints twice); --quiet also silences transformers and
-    huggingface_hub, their progress bars included."""
+    huggingface_hub, their progress bars included. Returns a function that
+    puts the package logger back as it was (a command run in-process, as
+    tests and notebooks do, leaves no trace)."""
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     level = getattr(args, "log_level", None) or ("debug" if verbose else "warning" if quiet else "info")
+    saved = (list(log.handlers), log.level, log.propagate)
     log.handlers[:] = [h for h in log.handlers if not isinstance(h, _OneHandler)]
     handler = _OneHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
@@ -122,6 +125,10 @@ def setup_logging(args) -> None:
             pass
         else:
             disable_progress_bars()
+
+    def restore():
+        log.handlers[:], log.level, log.propagate = saved
+    return restore
 
 
 def guarded(prog: str, command: Callable[[], int], verbose: bool = False) -> int:

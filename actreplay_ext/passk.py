@@ -406,5 +406,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     console.add_logging_options(p)
     add_arguments(p)
     args = p.parse_args(argv)
-    console.setup_logging(args)
-    return console.guarded("actreplay passk", lambda: evaluate(args), args.verbose)
+    restore = console.setup_logging(args)
+    try:
+        return console.guarded("actreplay passk", lambda: evaluate(args), args.verbose)
+    finally:
+        restore()

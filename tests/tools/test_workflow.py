@@ -1,0 +1,256 @@
+"""The researcher's workflow through the console scripts: every argument and
+file checked before a model loads, one-line errors naming the argument, the
+model pair checked like `patch` does, --targets bringing its configuration,
+--json/--save-offsets, logging (one handler, --quiet silencing transformers,
+--version), Ctrl-C, help on every flag, equal defaults across tools."""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import actreplay_ext as ar
+from actreplay_ext import cli, console, data, tiny
+
+pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FAST = ["--layers", "3", "--lr", "0.005", "--steps", "3", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The embedded pair saved as checkpoints, a Qwen2-VL base, a LLaVA model, an image."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("workflow")
+    base, rlvr = tiny.save_pair(str(root))
+    q2_base, _ = tiny.save_pair(str(root / "qwen2"), family="qwen2_vl")
+    llava = str(root / "llava")
+    tiny.make_llava().save_pretrained(llava)
+    rng = torch.Generator().manual_seed(0)
+    image = str(root / "noise.png")
+    Image.fromarray((torch.rand(56, 84, 3, generator=rng) * 255).to(torch.uint8).numpy()).save(image)
+    return {"base": base, "rlvr": rlvr, "qwen2_base": q2_base, "llava": llava, "image": image, "root": root}
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if any weights load: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(data, "load_model", refuse)
+
+
+def error_of(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    return lines[-1]
+
+
+def run_args(ckpt, *extra):
+    return ["--quiet", "run", "--base", ckpt["base"], "--rlvr", ckpt["rlvr"], "--image", ckpt["image"],
+            "--prompt", "what is 2 + 2 ?", *extra]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--image", "missing.png"], "--image/--video: image 'missing.png' not found"),
+    (["--video", "clip.mp4"], "--image/--video: video 'clip.mp4' not found"),
+    (["--lr", "-1"], "'lr' must be >= 0"),
+    (["--steps", "0"], "'steps' must be an int >= 1"),
+    (["--layers", "9"], "config.layers = 9 exceeds the 4 decoder layers of the RLVR model"),
+    (["--save-targets", "/nonexistent/dir/t.safetensors"], "--save-targets: the directory '/nonexistent/dir' does not"),
+    (["--json", "/nonexistent/r.json"], "--json: the directory '/nonexistent' does not exist"),
+    (["--targets", "missing.safetensors"], "--targets: 'missing.safetensors' not found"),
+])
+def test_run_checks_everything_before_loading_a_model(ckpt, capsys, no_weights, change, message):
+    argv = run_args(ckpt)
+    if change[0] in argv:  # replace the option's value
+        i = argv.index(change[0])
+        argv[i + 1] = change[1]
+    else:
+        argv += change
+    last = error_of(capsys, argv)
+    assert last.startswith("actreplay run: error: ") and message in last, last
+
+
+@pytest.mark.parametrize("arg", ["--base", "--rlvr"])
+def test_a_missing_local_checkpoint_is_not_found_not_a_bad_hub_id(ckpt, capsys, no_weights, arg):
+    argv = run_args(ckpt)
+    argv[argv.index(arg) + 1] = str(ckpt["root"] / "no" / "such" / "checkpoint")
+    last = error_of(capsys, argv)
+    assert f"{arg}: " in last and "not found (no such directory)" in last and "Repo id" not in last
+
+
+def test_the_model_pair_is_checked_like_patch_does(ckpt, capsys, no_weights):
+    """A Qwen2-VL base with a Qwen2.5-VL RLVR model, and LLaVA with Qwen, are refused by check_pair."""
+    argv = run_args(ckpt)
+    argv[argv.index("--base") + 1] = ckpt["qwen2_base"]
+    last = error_of(capsys, argv)
+    assert "differ in model class: RLVR has Qwen2_5_VLForConditionalGeneration, base has Qwen2VL" in last
+    argv[argv.index("--base") + 1] = ckpt["llava"]
+    assert "differ in model class" in error_of(capsys, argv)
+    rows = ckpt["root"] / "pair_rows.jsonl"
+    rows.write_text(json.dumps({"question": "q", "image": ckpt["image"], "answer": "1"}) + "\n")
+    configs = ckpt["root"] / "pair_configs.json"
+    configs.write_text(json.dumps([{"name": "low", "layers": 3}]))
+    pair = ["--base", ckpt["qwen2_base"], "--rlvr", ckpt["rlvr"], "--data", str(rows)]
+    assert "differ in model class" in error_of(capsys, ["--quiet", "ablate", *pair, "--configs", str(configs)])
+    assert "differ in model class" in error_of(capsys, ["--quiet", "passk", *pair, "--out", str(ckpt["root"] / "pk")])
+    assert "differ in model class" in error_of(capsys, ["--quiet", "analyze", *pair, "--out", str(ckpt["root"] / "a")])
+
+
+def test_patch_refuses_a_pair_of_two_families():
+    base = tiny.make_model("qwen2_vl")
+    rlvr = tiny.make_model("qwen2_5_vl")
+    with pytest.raises(ValueError, match="differ in model class"):
+        ar.patch(rlvr, base=base)
+
+
+@pytest.mark.parametrize("configs, message", [
+    ('[{"name": "a", "layers": 3, "learning_rate": 1}]', "(a): unknown key(s) 'learning_rate'"),
+    ('[{"name": "a"}, {"name": "a"}]', "[1]: duplicate name 'a'"),
+    ('[{"name": "a", "lr": -2}]', "(a): ReplayConfig: 'lr' must be >= 0"),
+    ('[{"name": "a", "layers": 12}]', "(a): actreplay_ext: config.layers = 12 exceeds the 4 decoder layers"),
+    ('{"name": "a"}', "must be a non-empty list"),
+    ('[{"name": "a",', "not JSON"),
+])
+def test_ablate_checks_its_configs_before_loading(ckpt, capsys, no_weights, configs, message):
+    rows = ckpt["root"] / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "q", "image": ckpt["image"]}) + "\n")
+    path = ckpt["root"] / "configs.json"
+    path.write_text(configs)
+    last = error_of(capsys, ["--quiet", "ablate", "--base", ckpt["base"], "--rlvr", ckpt["rlvr"], "--data",
+                             str(rows), "--configs", str(path)])
+    assert last.startswith("actreplay ablate: error: --configs") and message in last, last
+
+
+def test_passk_and_analyze_check_rows_before_loading(ckpt, capsys, no_weights, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "q", "image": ckpt["image"], "answer": "1"}) + "\n"
+                    + json.dumps({"question": "q", "image": "gone.png", "answer": "1"}) + "\n")
+    common = ["--base", ckpt["base"], "--rlvr", ckpt["rlvr"], "--data", str(rows), "--out", str(tmp_path / "o")]
+    for tool in ("passk", "analyze"):
+        last = error_of(capsys, ["--quiet", tool, *common])
+        assert f"{rows}:2: image '{tmp_path / 'gone.png'}' not found" in last, last
+    rows.write_text(json.dumps({"question": "q", "image": ckpt["image"]}) + "\n")
+    assert "rows without an 'answer'" in error_of(capsys, ["--quiet", "passk", *common])
+    assert "--k must be in 1..--samples (2)" in error_of(capsys, ["--quiet", "passk", *common, "--samples", "2",
+                                                                  "--k", "3"])
+    (tmp_path / "file").write_text("")
+    assert "--out: " in error_of(capsys, ["--quiet", "passk", "--demo", "--out", str(tmp_path / "file")])
+
+
+def test_targets_bring_their_layers_and_refuse_a_conflicting_override(ckpt, capsys, tmp_path):
+    targets = str(tmp_path / "t.safetensors")
+    assert cli.main(run_args(ckpt, *FAST, "--save-targets", targets)) == 0
+    first = capsys.readouterr().out
+    argv = ["--quiet", "run", "--rlvr", ckpt["rlvr"], "--image", ckpt["image"], "--prompt", "what is 2 + 2 ?",
+            "--lr", "0.005", "--steps", "3", "--max-new-tokens", "4", "--targets", targets]
+    assert cli.main(argv) == 0  # no --layers: the file's 3 layers, not the preset's 16
+    again = capsys.readouterr().out
+    assert "in layers 0-2" in again and again.split("(")[0] == first.split("(")[0]
+    last = error_of(capsys, argv + ["--layers", "2"])
+    assert "--layers 2 conflicts with --targets" in last and "made with layers = 3" in last
+    other = argv[:]
+    other[other.index("what is 2 + 2 ?")] = "another question"
+    assert "was made for another prompt" in error_of(capsys, other)
+
+
+def test_run_json_and_saved_offsets_record_the_run(ckpt, capsys, tmp_path):
+    report, offsets = tmp_path / "run.json", tmp_path / "offsets.safetensors"
+    assert cli.main(run_args(ckpt, *FAST, "--json", str(report), "--save-offsets", str(offsets))) == 0
+    out = capsys.readouterr().out
+    rec = json.loads(report.read_text())
+    assert rec["answers"]["without_replay"] in out and rec["answers"]["with_replay"] in out
+    assert out.strip().splitlines()[-1].startswith(("replay: ", "no-op replay: "))
+    assert len(rec["losses"]) == 3 and len(rec["selected"]) == 3 and rec["n_visual"] == 6
+    assert rec["config"]["layers"] == 3 and rec["config"]["lr"] == 0.005 and rec["config"]["topv"] == 50
+    assert rec["models"]["rlvr"]["path"] == ckpt["rlvr"] and {"load_rlvr_s", "generate_with_s"} <= set(rec["timings"])
+    assert rec["versions"]["torch"] == torch.__version__
+    saved = ar.ReplayResult.load(str(offsets))
+    assert saved.losses == pytest.approx(rec["losses"]) and saved.config["lr"] == 0.005
+
+
+def test_logging_one_handler_no_root_and_quiet_silences_transformers(ckpt):
+    pkg, root = logging.getLogger("actreplay_ext"), logging.getLogger()
+    before = (list(pkg.handlers), pkg.level, pkg.propagate, list(root.handlers))
+    args = argparse.Namespace(quiet=True, verbose=False, log_level=None)
+    restore = console.setup_logging(args)
+    console.setup_logging(args)  # twice (tests, notebooks): still one handler of ours
+    ours = [h for h in pkg.handlers if type(h).__name__ == "_OneHandler"]
+    assert len(ours) == 1 and not pkg.propagate and pkg.level == logging.WARNING
+    assert list(root.handlers) == before[3]  # the root logger is not configured
+    restore()
+    assert (list(pkg.handlers), pkg.level, pkg.propagate, list(root.handlers)) == before
+    proc = subprocess.run(["actreplay", "--quiet", "run", *run_args(ckpt, *FAST)[2:]], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "%|" not in proc.stderr and proc.stderr.strip() == "", proc.stderr
+    loud = subprocess.run(["actreplay", "run", *run_args(ckpt, *FAST)[2:]], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in loud.stderr.splitlines() if line.startswith("loading the RLVR model")]
+    assert loud.returncode == 0 and len(lines) == 1  # the library's log lines, once each
+
+
+def test_version_and_help_on_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"actreplay_ext {ar.__version__} (torch ")
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in [("actreplay", parser), *sub.choices.items()]:
+        for action in p._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS:
+                assert action.help, f"{name} {action.option_strings} has no help text"
+    with pytest.raises(SystemExit):  # no abbreviations: --n is not --max-new-tokens
+        cli.main(["passk", "--demo", "--out", "x", "--max-new", "3"])
+
+
+def test_equal_dtype_defaults_across_tools():
+    parser = cli.build_parser()
+    dtypes = set()
+    for argv in (["run", "--rlvr", "r", "--prompt", "p"], ["analyze", "--out", "o"], ["ablate"],
+                 ["passk", "--out", "o"]):
+        args = parser.parse_args(argv)
+        dtypes.add(console.load_kwargs(args)["dtype"])
+    assert dtypes == {"bfloat16" if torch.cuda.is_available() else "float32"}
+
+
+def test_interrupt_is_one_line_exit_130_and_nothing_half_written(monkeypatch, capsys, tmp_path):
+    from actreplay_ext import passk
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(passk, "sample", interrupted)
+    assert cli.main(["--quiet", "passk", "--demo", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "actreplay passk: interrupted" and not (tmp_path / "results.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["records.rank0.jsonl", "run.json"]
+
+
+def test_ctrl_c_on_the_console_script(tmp_path):
+    """A real SIGINT while Pass@K samples: exit 130, "interrupted", no traceback, no results file."""
+    proc = subprocess.Popen(["actreplay", "passk", "--demo", "--quiet", "--out", str(tmp_path), "--samples", "2"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = tmp_path / "records.rank0.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (records.exists() and records.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and not (tmp_path / "results.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    for line in records.read_text().splitlines():
+        json.loads(line)  # every record whole
