@@ -147,7 +147,7 @@ def _extensions():
 
 def _extras():
     """Optional dependencies. torchvision (which the Qwen processors' video
-    processor needs, and the tests build processors) is pinned to the release
+    processor needs, and the tests and `analyze --demo` build processors) is pinned to the release
     that matches the torch this build compiles against (torchvision 0.(m+15)
     pairs with torch 2.m since torch 2.0): unpinned, pip would pull the newest
     torchvision and upgrade torch under the compiled extension."""
@@ -155,11 +155,12 @@ def _extras():
 
     major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     torchvision = f"torchvision=={major - 2}.{minor + 15}.*" if major == 2 else "torchvision"
-    analyze = ["matplotlib>=3.5"]
+    analyze = ["matplotlib>=3.5", torchvision]  # torchvision: the Qwen processors (analyze --demo) need it
+    video = [torchvision, "av>=12"]  # PyAV decodes video files (actreplay_ext.data.decode_video)
     return {
         "analyze": analyze,
-        "video": [torchvision],
-        "test": ["pytest>=7", "hypothesis>=6", "accelerate", "ruff>=0.17,<0.18", torchvision, *analyze],
+        "video": video,
+        "test": ["pytest>=7", "hypothesis>=6", "accelerate", "ruff>=0.17,<0.18", *analyze, *video],
         "flash": ["flash-attn>=2.6"],
     }
 

@@ -5,8 +5,9 @@ A dataset row is one JSON object per line:
 
 * ``question`` (required): the text of the prompt;
 * ``image`` (a path) or ``images`` (a list of paths), optional;
-* ``video`` (optional): a video file, a directory of frame images, or a list
-  of frame image paths;
+* ``video`` (optional): a video file (decoded with PyAV, the ``video`` extra:
+  a frame every 0.5 s, at most 64), a directory of frame images (every one,
+  in name order), or a list of frame image paths;
 * ``answer`` (for evaluation), ``choices`` (optional list: a multiple-choice
   question, shown as lettered options), ``id`` (optional; the line number
   otherwise).
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["Row", "read_jsonl", "encode", "load_model", "load_processor", "question_text", "decode_new",
+__all__ = ["Row", "read_jsonl", "encode", "decode_video", "load_model", "load_processor", "question_text", "decode_new",
            "input_device", "synthetic_rows"]
 
 
@@ -109,9 +110,46 @@ def _image(item):
     return item if not isinstance(item, str) else Image.open(item).convert("RGB")
 
 
+#: How a video file becomes frames: one every 1/VIDEO_FPS seconds (Qwen2-VL's
+#: default rate), spaced wider when that would exceed VIDEO_MAX_FRAMES.
+VIDEO_FPS = 2.0
+VIDEO_MAX_FRAMES = 64
+
+
+def decode_video(path: str, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_FRAMES) -> List[Any]:
+    """The frames of a video file as PIL images, decoded with PyAV (the
+    `video` extra), sampled at `fps` and at most `max_frames`; only the
+    kept frames are converted, so a long video does not fill the memory."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video {path!r} not found")
+    try:
+        import av
+    except ImportError:
+        raise ImportError("decoding a video file needs PyAV: pip install 'actreplay_ext[video]' "
+                          "(or give a directory of frame images)") from None
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            duration = float(stream.duration * stream.time_base) if stream.duration else (
+                container.duration / 1e6 if container.duration else 0.0)
+            step = max(1.0 / fps, duration / max_frames if duration else 0.0)
+            rate = float(stream.average_rate or 1)
+            frames, next_t = [], 0.0
+            for i, frame in enumerate(container.decode(stream)):
+                t = float(frame.time) if frame.time is not None else i / rate
+                if t + 1e-6 >= next_t and len(frames) < max_frames:
+                    frames.append(frame.to_image())
+                    next_t += step
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ValueError(f"video {path!r} cannot be decoded ({e})") from None
+    if not frames:
+        raise ValueError(f"video {path!r} holds no frames")
+    return frames
+
+
 def _frames(video):
-    """A video as the processor takes it: a list of frames, or a file path
-    (decoded by transformers' own video loader, which needs PyAV or torchcodec)."""
+    """A video as the processor takes it: a list of frames (a list of images or
+    paths, a directory of frame images, or a file decoded with PyAV)."""
     if isinstance(video, (list, tuple)):
         return [_image(f) for f in video]
     if isinstance(video, str) and os.path.isdir(video):
@@ -119,6 +157,8 @@ def _frames(video):
         if not names:
             raise ValueError(f"video directory {video!r} holds no frame images (.png/.jpg/.jpeg/.webp)")
         return [_image(os.path.join(video, n)) for n in names]
+    if isinstance(video, str):
+        return decode_video(video)
     return video
 
 

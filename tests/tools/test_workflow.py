@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -254,3 +255,48 @@ def test_ctrl_c_on_the_console_script(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     for line in records.read_text().splitlines():
         json.loads(line)  # every record whole
+
+
+def _write_video(path, frames: int, fps: int, size=(48, 64)):
+    av = pytest.importorskip("av", reason="the video extra (PyAV) decodes video files")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            pixels = (rng.random((*size, 3)) * 255).astype("uint8")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_a_video_file_is_decoded_with_pyav_at_two_frames_a_second(ckpt, capsys, tmp_path):
+    """The `video` extra's path: PyAV decodes the file (no torchcodec or FFmpeg
+    install needed), a frame every 0.5 s; `run --video clip.mp4` replays it."""
+    clip = tmp_path / "clip.mp4"
+    _write_video(clip, frames=10, fps=4)  # 2.5 s: frames at 0, 0.5, 1.0, 1.5, 2.0
+    frames = data.decode_video(str(clip))
+    assert len(frames) == 5 and frames[0].size == (64, 48)
+    assert len(data.decode_video(str(clip), max_frames=2)) == 2
+    assert cli.main(["--quiet", "run", "--base", ckpt["base"], "--rlvr", ckpt["rlvr"], "--video", str(clip),
+                     "--prompt", "what happens ?", *FAST]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    # 5 frames -> 3 temporal patches (pairs, the last padded) x the frame's merged patches
+    processor = data.load_processor(ckpt["rlvr"])
+    enc = data.encode(processor, data.Row("v", "what happens ?", video=str(clip)))
+    n_video = int(enc["video_grid_thw"].prod()) // 4
+    assert int(enc["video_grid_thw"][0, 0]) == 3 and f" {n_video} visual tokens" in summary
+
+
+def test_video_errors_are_one_line(ckpt, capsys, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    argv = ["--quiet", "run", "--base", ckpt["base"], "--rlvr", ckpt["rlvr"], "--prompt", "q", *FAST]
+    assert "cannot be decoded" in error_of(capsys, argv + ["--video", str(broken)])
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed
+    last = error_of(capsys, argv + ["--video", str(broken)])
+    assert "decoding a video file needs PyAV: pip install 'actreplay_ext[video]'" in last
