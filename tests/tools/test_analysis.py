@@ -97,3 +97,95 @@ def test_deciles_partition_the_tokens_in_entropy_order():
         assert mine[0]["mean_kl"] == pytest.approx(float(stats[l].kl[low].mean()))
     hist = acc.histogram(bins=7)
     assert len(hist) == 21 and sum(r["count"] for r in hist if r["layer"] == 1) == 95
+
+
+def filled(layers=28, prompts=(40, 25, 33), names=()):
+    """An Analysis of synthetic per-layer stats (no model): KL falls with entropy, as in the paper."""
+    acc = analysis.Analysis(*names)
+    g = torch.Generator().manual_seed(1)
+    for n in prompts:
+        per = []
+        for _ in range(layers):
+            e = torch.rand(n, generator=g) * 4
+            per.append({"entropy": e, "kl": torch.exp(-e) + 0.1 * torch.rand(n, generator=g)})
+        acc.add(per)
+    return acc
+
+
+def test_kl_grid_is_the_mean_kl_and_count_of_each_layer_and_decile():
+    acc = filled()
+    mean, tokens = acc.kl_grid()
+    assert mean.shape == tokens.shape == (28, 10)
+    for s in acc.layers():
+        order = torch.argsort(s.entropy, stable=True)
+        for b, idx in enumerate(torch.tensor_split(order, 10)):  # equal-count buckets, lowest entropy first
+            assert int(tokens[s.layer, b]) == idx.numel()
+            assert float(mean[s.layer, b]) == pytest.approx(float(s.kl[idx].mean()))
+    assert tokens.sum(1).tolist() == [98] * 28
+    # the decile table holds the same numbers: the heatmap's counts are in the CSV
+    rows = acc.deciles()
+    assert [r["tokens"] for r in rows] == tokens.flatten().tolist()
+    assert [r["mean_kl"] for r in rows] == pytest.approx(mean.flatten().tolist())
+
+
+def test_kl_grid_leaves_empty_buckets_nan(tmp_path):
+    acc = filled(layers=2, prompts=(6,))
+    mean, tokens = acc.kl_grid()
+    assert tokens[0].tolist() == [1] * 6 + [0] * 4
+    assert not torch.isnan(mean[:, :6]).any() and torch.isnan(mean[:, 6:]).all()
+    pytest.importorskip("matplotlib")
+    assert len(analysis.plot(acc, str(tmp_path))) == 3  # the empty cells are drawn grey, not an error
+
+
+def test_representative_layers_keep_the_first_and_last():
+    assert analysis.representative_layers(list(range(28))) == [0, 5, 11, 16, 22, 27]
+    assert analysis.representative_layers([0, 1, 2]) == [0, 1, 2]
+    assert analysis.representative_layers(list(range(7)), k=3) == [0, 3, 6]
+
+
+def test_csv_rows_name_both_models(tmp_path):
+    import csv
+
+    acc = filled(layers=3, names=("Qwen2.5-VL-7B-Instruct", "rlvr-step500"))
+    paths = acc.write_csv(str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["kl_by_entropy_decile.csv", "entropy_histogram.csv"]
+    for path in paths:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0])[:3] == ["base", "rlvr", "layer"]
+        assert {(r["base"], r["rlvr"]) for r in rows} == {("Qwen2.5-VL-7B-Instruct", "rlvr-step500")}
+    with open(paths[0]) as f:
+        assert "tokens" in next(csv.reader(f))
+
+
+def test_names_default_and_assignable():
+    acc = analysis.Analysis()
+    assert acc.names == ("base", "RLVR")
+    acc.names = ("a", "b")  # as the CLI sets them
+    assert (acc.base_name, acc.rlvr_name) == ("a", "b")
+
+
+def test_titles_name_the_models_and_where_the_counts_are():
+    big = analysis.plot_titles(filled(names=("B7", "R7")))
+    assert set(big) == {"kl_heatmap.png", "kl_by_entropy_decile.png", "entropy_histogram.png"}
+    assert "KL(B7 ‖ R7)" in big["kl_heatmap.png"] and "KL(B7 ‖ R7)" in big["kl_by_entropy_decile.png"]
+    assert "B7" in big["entropy_histogram.png"]
+    assert "counts per cell in kl_by_entropy_decile.csv" in big["kl_heatmap.png"]
+    assert "6 of 28 layers and their mean" in big["kl_by_entropy_decile.png"]
+    assert "9-10 tokens per decile" in big["kl_by_entropy_decile.png"]  # 98 tokens in 10 buckets
+    small = analysis.plot_titles(filled(layers=4, prompts=(50,)), title="my run")
+    assert "my run" in small["kl_heatmap.png"] and "kl_by_entropy_decile.csv" not in small["kl_heatmap.png"]
+    assert "all layers" in small["kl_by_entropy_decile.png"] and "5 tokens per decile" in small[
+        "kl_by_entropy_decile.png"]
+    assert "KL(base ‖ RLVR)" in small["kl_heatmap.png"]
+
+
+@pytest.mark.parametrize("layers", [28, 3])
+def test_plot_writes_the_heatmaps_and_curves(tmp_path, layers):
+    pytest.importorskip("matplotlib")
+    paths = analysis.plot(filled(layers=layers, names=("B", "R")), str(tmp_path), "synthetic")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["kl_heatmap.png", "kl_by_entropy_decile.png",
+                                                    "entropy_histogram.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
