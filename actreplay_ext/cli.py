@@ -271,8 +271,7 @@ def analyze(args) -> int:
         names, title = (_model_name(args.base), _model_name(args.rlvr)), ""
     if args.limit:
         rows = rows[:args.limit]
-    acc = analysis.Analysis()
-    acc.names = names  # the model names, for the plots and tables
+    acc = analysis.Analysis(base_name=names[0], rlvr_name=names[1])
     skipped = 0
     for row in _iterate(rows, "prompts", args.quiet):
         stats = analysis.lens_kl(base, rlvr, data.encode(processor, row, data.input_device(rlvr)), args.layers)

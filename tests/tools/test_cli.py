@@ -100,8 +100,8 @@ def test_analyze_demo_writes_csv_and_plots(tmp_path, capsys):
     assert "kl_by_entropy_decile.png" in printed
     names = sorted(os.listdir(out_dir))
     assert names == ["entropy_histogram.csv", "entropy_histogram.png", "kl_by_entropy_decile.csv",
-                     "kl_by_entropy_decile.png"]
-    for png in ("entropy_histogram.png", "kl_by_entropy_decile.png"):
+                     "kl_by_entropy_decile.png", "kl_heatmap.png"]
+    for png in ("entropy_histogram.png", "kl_by_entropy_decile.png", "kl_heatmap.png"):
         with open(out_dir / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     import csv
@@ -112,6 +112,7 @@ def test_analyze_demo_writes_csv_and_plots(tmp_path, capsys):
     tokens = {l: sum(int(r["tokens"]) for r in rows if int(r["layer"]) == l) for l in range(4)}
     assert len(set(tokens.values())) == 1 and tokens[0] > 10  # every layer sees the same visual tokens
     assert all(float(r["mean_kl"]) > 0 for r in rows)
+    assert {(r["base"], r["rlvr"]) for r in rows} == {("tiny base", "tiny RLVR")}  # the models named in every row
 
 
 def test_analyze_needs_its_inputs(capsys, tmp_path):
@@ -206,3 +207,4 @@ def test_analyze_on_checkpoints_and_a_jsonl(checkpoints, tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert sorted({int(r["layer"]) for r in table}) == [0, 1]
     assert sum(int(r["tokens"]) for r in table if r["layer"] == "0") == 6 + 4  # the text-only row is skipped
+    assert {(r["base"], r["rlvr"]) for r in table} == {("base", "rlvr")}  # the checkpoint directories' names
