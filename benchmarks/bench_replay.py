@@ -5,7 +5,13 @@ Prints per-prompt time, peak extra memory and the offsets' relative difference,
 and writes JSON.
 
     python benchmarks/bench_replay.py                        # CPU shape
+    python benchmarks/bench_replay.py --curve                # CPU: 256 ... 4096 visual tokens, fit, plot
     python benchmarks/bench_replay.py --device cuda --visual 1024 4096
+
+--curve measures ours, the published loop and the floor at 256, 576, 1024,
+2304 and 4096 visual tokens, fits each one's growth exponent (the slope of
+log time against log visual tokens, least squares) and plots them log-log
+(benchmarks/results/bench_replay_curve_<device>.png).
 
 CPU shape: a random Qwen2.5-VL with D = 512, 8 layers, V = 32768, one image of
 576 visual tokens and 64 text tokens, layers = 6, steps = 25, float32.
@@ -106,7 +112,7 @@ def decoder_floor(rlvr, inputs, cfg):
     return run
 
 
-def bench_one(args, n_vis, layers, gpu_shape):
+def bench_one(args, n_vis, layers, gpu_shape, warm_up=True):
     base, rlvr, inputs = build(args.device, n_vis, gpu_shape)
     # lr: the published 10.0 diverges on random weights; the comparison is of cost
     # and agreement, so use a rate at which the loss falls.
@@ -116,7 +122,8 @@ def bench_one(args, n_vis, layers, gpu_shape):
         t = ar.compute_targets(base, inputs, cfg)
         return ar.optimize(rlvr, inputs, t, cfg)
 
-    ours()  # warm-up (allocator, kernels)
+    if warm_up:
+        ours()  # warm-up (allocator, kernels)
     t_o, m_o, res = measure(ours, args.device)
     row = dict(device=args.device, visual_tokens=n_vis, layers=layers, steps=args.steps,
                ours_seconds=t_o, ours_peak_bytes=m_o, selected=res.selected,
@@ -135,10 +142,53 @@ def bench_one(args, n_vis, layers, gpu_shape):
                        memory_ratio=m_o / max(m_p, 1), offsets_rel_diff=float(d))
             del pub
     floor = decoder_floor(rlvr, inputs, cfg)
-    floor()
+    if warm_up:
+        floor()
     t_f, m_f, _ = measure(floor, args.device)
     row.update(floor_seconds=t_f, floor_peak_bytes=m_f)
     return row
+
+
+CURVE = (256, 576, 1024, 2304, 4096)
+
+
+def growth_exponents(rows):
+    """Per measured series, the least-squares slope of log(seconds) against
+    log(visual tokens): time ~ n^exponent over the measured range."""
+    out = {}
+    for key in ("ours_seconds", "published_seconds", "floor_seconds"):
+        pts = [(math.log(r["visual_tokens"]), math.log(r[key])) for r in rows
+               if r.get(key) and math.isfinite(r[key]) and r[key] > 0]
+        if len(pts) >= 2:
+            mx, my = (sum(p[i] for p in pts) / len(pts) for i in (0, 1))
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            out[key.replace("_seconds", "")] = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    return out
+
+
+def plot_curve(rows, exponents, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, label in (("published", "published loop"), ("ours", "ours"), ("floor", "floor")):
+        pts = [(r["visual_tokens"], r[f"{key}_seconds"]) for r in rows
+               if math.isfinite(r.get(f"{key}_seconds", math.nan))]
+        if pts:
+            ax.loglog(*zip(*pts), marker="o", label=f"{label} (~n^{exponents.get(key, math.nan):.2f})")
+    ax.set_xlabel("visual tokens per prompt")
+    ax.set_ylabel("seconds per prompt")
+    ax.set_title("Replay cost against prompt size (time per prompt)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -147,21 +197,22 @@ def main(argv=None):
     p.add_argument("--visual", type=int, nargs="+", default=None, help="visual tokens per prompt")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--skip-published", action="store_true", help="only ours and the floor")
+    p.add_argument("--curve", action="store_true", help=f"the cost curve: {', '.join(map(str, CURVE))} visual tokens")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     gpu_shape = args.device == "cuda"
-    visual = args.visual or ([1024, 4096] if gpu_shape else [576])
+    visual = args.visual or (list(CURVE) if args.curve else [1024, 4096] if gpu_shape else [576])
     layers = 16 if gpu_shape else 6
     meta = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
                 build=ar.build_info(), gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
-    out = args.out or f"benchmarks/results/bench_replay_{args.device}.json"
+    out = args.out or f"benchmarks/results/bench_replay_{'curve_' if args.curve else ''}{args.device}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     rows = []
     for n_vis in visual:
-        rows.append(bench_one(args, n_vis, layers, gpu_shape))
+        rows.append(bench_one(args, n_vis, layers, gpu_shape, warm_up=not rows))  # one warm-up per process
         print(f"row done: {rows[-1]}", flush=True)
         with open(out, "w") as f:  # after every row: a run cut off by its time limit keeps what it measured
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            json.dump(dict(meta=meta, rows=rows, exponents=growth_exponents(rows)), f, indent=1)
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the models of this size are gone with bench_one's frame
 
@@ -174,6 +225,11 @@ def main(argv=None):
               f"{r['ours_seconds']:8.2f} {r['floor_seconds']:8.2f} {r.get('speedup', float('nan')):8.2f} "
               f"{r.get('published_peak_bytes', 0) / 2**20:9.1f} {r['ours_peak_bytes'] / 2**20:9.1f} "
               f"{r.get('memory_ratio', float('nan')):9.3f} {r.get('offsets_rel_diff', float('nan')):11.2e}")
+    exponents = growth_exponents(rows)
+    if len(rows) > 1:
+        print("growth exponents (time ~ n^e): " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
+    if args.curve:
+        plot_curve(rows, exponents, out[:-len(".json")] + ".png")
     print(f"\nwrote {out}")
 
 
