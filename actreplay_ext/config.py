@@ -104,6 +104,12 @@ class ReplayConfig:
                 _real(f"thresholds[{i}]", x, None)
             self.thresholds = [float(x) for x in t]
 
+    def as_dict(self) -> dict:
+        """The settings as JSON values (the callback is not a setting): what result
+        files and reports record, and what `ReplayConfig(**d)` rebuilds."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
     def selection_value(self, n_visual: int):
         """(rule, value) for actreplay.select_tokens for a prompt with n_visual tokens."""
         if self.rule == "ratio":

@@ -5,7 +5,6 @@ made safe from dataset ids."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import re
@@ -17,8 +16,7 @@ __all__ = ["config_dict", "versions", "git_revision", "file_name"]
 
 def config_dict(cfg) -> Dict:
     """The fields of a ReplayConfig as JSON values (the callback is not a setting)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "callback"}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    return cfg.as_dict()
 
 
 def git_revision() -> Optional[Dict]:

@@ -62,11 +62,28 @@ def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTa
         result = _optimize_distinct(adapter, normal_tensors(pre), normal_tensors(targets), cfg)
     result.input_ids = full_ids
     result.optimized_rows = pre.hidden0.shape[0]
+    result.inject_layer, result.config = cfg.inject_layer, cfg.as_dict()
+    _warn_if_ineffective(result, cfg)
     if len(row_map) > pre.hidden0.shape[0]:  # broadcast to the repeated rows
         rows = result.deltas if isinstance(result.deltas, list) else [result.deltas]
         result.deltas = [rows[j] for j in row_map]
         result.n_visual = [result.n_visual[j] for j in row_map]
     return result
+
+
+def _warn_if_ineffective(result: ReplayResult, cfg: ReplayConfig) -> None:
+    """A replay that cannot have changed anything, or whose loss went the wrong
+    way, says so on the package's logger instead of passing without comment."""
+    if not result.replayed:
+        return  # no visual tokens: the result's note says so, generation is the model's own
+    if not any(result.selected[cfg.inject_layer:]):  # the loss reads layers inject_layer .. layers-1
+        log.warning("actreplay_ext: no visual token was selected in any replay layer (select=%r, rule=%r, "
+                    "entropy_threshold=%g): the offsets are zero and generation is unchanged",
+                    cfg.select, cfg.rule, cfg.entropy_threshold)
+    elif len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
+        log.warning("actreplay_ext: the replay loss rose over %d steps (%.4g -> %.4g): lr=%g is likely too "
+                    "large for this model; try a smaller lr", len(result.losses), result.losses[0],
+                    result.losses[-1], cfg.lr)
 
 
 @dataclasses.dataclass

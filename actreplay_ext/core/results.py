@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -164,6 +165,7 @@ class ReplayResult:
     input_ids: Optional[torch.Tensor] = None
     optimized_rows: int = 0  # distinct rows the loop ran on (identical rows share offsets)
     inject_layer: int = 0
+    config: Optional[Dict] = None  # the ReplayConfig settings they were learned with (ReplayConfig.as_dict)
 
     @property
     def replayed(self) -> bool:
@@ -173,3 +175,114 @@ class ReplayResult:
         if isinstance(self.deltas, torch.Tensor):
             return self.deltas
         return torch.cat(list(self.deltas), 0)
+
+    def save(self, path: str) -> None:
+        """Write the offsets, the prompt they belong to and how they were found
+        to a safetensors file (no pickles); `ReplayResult.load` reads it back
+        and `actreplay_ext.apply` adds the offsets again."""
+        from safetensors.torch import save_file
+
+        rows = self.deltas if isinstance(self.deltas, list) else None
+        # clone each row: identical prompts share one offsets tensor, and
+        # safetensors refuses to write tensors that share memory
+        tensors = {f"deltas.{r}": d.detach().cpu().clone().contiguous() for r, d in enumerate(rows)} \
+            if rows is not None else {"deltas": self.deltas.detach().cpu().contiguous()}
+        if self.input_ids is not None:
+            tensors["input_ids"] = self.input_ids.cpu().contiguous()
+        meta = {"format": RESULT_FORMAT, "rows": json.dumps(None if rows is None else len(rows)),
+                "losses": json.dumps([float(x) for x in self.losses]), "selected": json.dumps(list(self.selected)),
+                "n_visual": json.dumps(list(self.n_visual)), "timings": json.dumps(self.timings),
+                "note": self.note, "optimized_rows": str(self.optimized_rows),
+                "inject_layer": str(self.inject_layer), "config": json.dumps(self.config)}
+        save_file(tensors, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> "ReplayResult":
+        """Read a file written by `save`, checking it (format, every tensor
+        present, float32 finite offsets with one row per visual token, metadata
+        that is JSON of the right kind); a bad file is a ValueError naming the
+        file and the field."""
+        from safetensors import SafetensorError, safe_open
+
+        def bad(field, problem):
+            return ValueError(f"ReplayResult.load: {path!r}: {field} {problem}")
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != RESULT_FORMAT:
+                    raise ValueError(f"ReplayResult.load: {path!r} is not a ReplayResult file "
+                                     f"(format {meta.get('format')!r})")
+                fields = {}
+                for key in ("rows", "losses", "selected", "n_visual", "timings", "optimized_rows",
+                            "inject_layer", "config"):
+                    if key not in meta:
+                        raise bad(f"metadata '{key}'", "is missing")
+                    try:
+                        fields[key] = json.loads(meta[key])
+                    except ValueError as e:
+                        raise bad(f"metadata '{key}'", f"is not JSON ({e})") from None
+                rows = fields["rows"]
+                if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+                    raise bad("metadata 'rows'", f"must be null or an int >= 1, got {rows!r}")
+                names = ["deltas"] if rows is None else [f"deltas.{r}" for r in range(rows)]
+                missing = [n for n in names if n not in f.keys()]
+                if missing:
+                    raise bad("tensor", f"{missing[0]!r} is missing")
+                tensors = {n: f.get_tensor(n) for n in names}
+                input_ids = f.get_tensor("input_ids") if "input_ids" in f.keys() else None
+        except SafetensorError as e:
+            raise ValueError(f"ReplayResult.load: {path!r} is not a readable safetensors file ({e})") from None
+        _check_result(fields, tensors, input_ids, bad)
+        deltas = [tensors[n].to(device) for n in names] if rows is not None else tensors["deltas"].to(device)
+        return cls(deltas=deltas, losses=fields["losses"], selected=fields["selected"], n_visual=fields["n_visual"],
+                   timings=fields["timings"], note=meta.get("note", ""),
+                   input_ids=None if input_ids is None else input_ids.to(device),
+                   optimized_rows=fields["optimized_rows"], inject_layer=fields["inject_layer"],
+                   config=fields["config"])
+
+
+RESULT_FORMAT = "actreplay_ext.ReplayResult/1"
+
+
+def _is_int(x, lo=0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _check_result(fields: Dict, tensors: Dict[str, torch.Tensor], input_ids, bad) -> None:
+    """A loaded result's fields agree with each other; `bad(field, problem)` makes the error."""
+    nv = fields["n_visual"]
+    if not isinstance(nv, list) or not nv or not all(_is_int(n) for n in nv):
+        raise bad("metadata 'n_visual'", f"must list the visual-token count of every row, got {nv!r}")
+    for key in ("losses",):
+        v = fields[key]
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              and math.isfinite(x) for x in v):
+            raise bad(f"metadata '{key}'", f"must be a list of finite numbers, got {v!r}")
+    if not isinstance(fields["selected"], list) or not all(_is_int(n) for n in fields["selected"]):
+        raise bad("metadata 'selected'", f"must list a count per layer, got {fields['selected']!r}")
+    if not isinstance(fields["timings"], dict):
+        raise bad("metadata 'timings'", f"must be an object, got {fields['timings']!r}")
+    for key in ("optimized_rows", "inject_layer"):
+        if not _is_int(fields[key]):
+            raise bad(f"metadata '{key}'", f"must be an int >= 0, got {fields[key]!r}")
+    if fields["config"] is not None and not isinstance(fields["config"], dict):
+        raise bad("metadata 'config'", f"must be null or an object, got {fields['config']!r}")
+    expected = nv if fields["rows"] is not None else [sum(nv)]
+    if fields["rows"] is not None and fields["rows"] != len(nv):
+        raise bad("metadata 'rows'", f"({fields['rows']}) disagrees with n_visual ({len(nv)} rows)")
+    widths = set()
+    for (name, t), n in zip(tensors.items(), expected):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != n:
+            raise bad(f"'{name}'", f"must be [{n}, D] float32 (one row per visual token), "
+                                   f"got {tuple(t.shape)} {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise bad(f"'{name}'", "holds non-finite values")
+        if n:
+            widths.add(t.shape[1])
+    if len(widths) > 1:
+        raise bad("deltas", f"rows have different hidden sizes {sorted(widths)}")
+    if input_ids is not None and (input_ids.dim() != 2 or input_ids.dtype != torch.long
+                                  or input_ids.shape[0] != len(nv)):
+        raise bad("'input_ids'", f"must be [{len(nv)}, T] int64 (one row per prompt), "
+                                 f"got {tuple(input_ids.shape)} {input_ids.dtype}")

@@ -21,7 +21,9 @@ from actreplay_ext import cli, console, data, tiny
 
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# PYTHONSAFEPATH: `python -m actreplay_ext` (and torchrun's workers) import the installed
+# package, not the source tree in the working directory, which has no compiled _C in CI.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
 FAST = ["--layers", "3", "--lr", "0.005", "--steps", "3", "--max-new-tokens", "4"]
 
 
