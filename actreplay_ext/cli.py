@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from . import checks, console, data, provenance
+from .config import layer_list
 from .console import UsageError
 
 DESCRIPTION = """\
@@ -101,7 +102,7 @@ def _config_from_targets(args, recorded):
     explicit option that contradicts it is refused rather than overriding it."""
     given = {k: getattr(args, k) for k in ("layers",) if getattr(args, k) is not None}
     for key, value in given.items():
-        if recorded.get(key) != value:
+        if layer_list(recorded.get(key)) != layer_list(value):  # --layers 3 and 0,1,2 are the same layers
             raise UsageError(f"--{key} {value} conflicts with --targets {args.targets}, made with {key} = "
                              f"{recorded.get(key)!r}; drop --{key} or recompute the targets")
     return console.replay_config(args, **{k: v for k, v in recorded.items() if v is not None})
@@ -215,7 +216,7 @@ def _summary(cfg, result, n_vis: int, texts) -> str:
 
 
 def _layers_text(cfg) -> str:
-    layers = getattr(cfg, "replay_layers", None) or list(range(cfg.layers))
+    layers = list(cfg.replay_layers)
     contiguous = layers == list(range(layers[0], layers[-1] + 1))
     return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ",".join(map(str, layers))
 

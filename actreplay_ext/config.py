@@ -21,14 +21,18 @@ _CHOICES = {
 class ReplayConfig:
     """Activation Replay hyperparameters (defaults: the published math configuration).
 
-    layers: replay layers 0 .. layers-1 (default 16; for mode="direct" one per
-    threshold, 7 with the published thresholds).  entropy_threshold: the ratio rule's
+    layers: the replay layers, a count n (layers 0 .. n-1; default 16; for
+    mode="direct" one per threshold, 7 with the published thresholds) or a
+    sorted list of layer indices, the authors' form (e.g. [15] with
+    inject_layer=15 is the mid replay). A list 0 .. n-1 is stored as the count
+    n; `replay_layers` lists them either way and `depth` is the deepest + 1.  entropy_threshold: the ratio rule's
     threshold.  topv: size of the KL's truncated support.  lr, steps: plain
     gradient descent.  normalize: divide the summed loss by the number of visual
     tokens.  alignment: "published" pairs the RLVR *input* of layer l with the
     base *output* of layer l (what produced the paper's numbers); "matched"
     pairs outputs with outputs.  select/rule/topk_tokens/thresholds: the
-    selection variants of SPEC §4.  inject_layer: the layer whose input is offset.
+    selection variants of SPEC §4 (`thresholds`: one per replay layer, in
+    `replay_layers` order).  inject_layer: the layer whose input is offset.
     mode: "tokens" learns offsets; "direct" substitutes base layer inputs into the
     RLVR model where the base lens entropy is below `thresholds[l]` (default: the
     published seven) and below the RLVR model's, over all positions.
@@ -38,7 +42,7 @@ class ReplayConfig:
     callback: called with (step, loss) after each step's loss is known.
     """
 
-    layers: Optional[int] = None
+    layers: Optional[Union[int, Sequence[int]]] = None
     entropy_threshold: float = 0.4
     topv: int = 50
     lr: float = 10.0
@@ -65,7 +69,10 @@ class ReplayConfig:
             self.thresholds = list(DIRECT_THRESHOLDS)
         if self.layers is None:
             self.layers = len(self.thresholds) if self.mode == "direct" else 16
-        _integer("layers", self.layers, 1)
+        if isinstance(self.layers, (list, tuple)):
+            self.layers = _layer_list(self.layers)
+        else:
+            _integer("layers", self.layers, 1)
         _integer("topv", self.topv, 1)
         _integer("steps", self.steps, 1)
         _integer("inject_layer", self.inject_layer, 0)
@@ -77,9 +84,10 @@ class ReplayConfig:
             raise ValueError(f"ReplayConfig: 'checkpoint' must be True, False or 'auto', got {self.checkpoint!r}")
         if self.callback is not None and not callable(self.callback):
             raise ValueError(f"ReplayConfig: 'callback' must be callable(step, loss) or None, got {self.callback!r}")
-        if self.inject_layer >= self.layers:
+        if self.inject_layer >= self.depth:
             raise ValueError(
-                f"ReplayConfig: 'inject_layer' must be an int in [0, layers={self.layers}), got {self.inject_layer!r}"
+                f"ReplayConfig: 'inject_layer' must be an int in [0, {self.depth}) (at or before the deepest replay "
+                f"layer, {self.depth - 1}), got {self.inject_layer!r}"
             )
         if self.mode == "direct" and self.inject_layer:
             raise ValueError(f"ReplayConfig: 'inject_layer' ({self.inject_layer}) applies to mode='tokens'; "
@@ -95,14 +103,37 @@ class ReplayConfig:
                 )
         if self.rule == "absolute" or self.mode == "direct":
             t = self.thresholds
-            if not isinstance(t, (list, tuple)) or len(t) != self.layers:
+            if not isinstance(t, (list, tuple)) or len(t) != len(self.replay_layers):
                 raise ValueError(
                     f"ReplayConfig: rule='absolute' and mode='direct' need 'thresholds', one float per "
-                    f"replay layer ({self.layers}), got {t!r}"
+                    f"replay layer ({len(self.replay_layers)}), got {t!r}"
                 )
             for i, x in enumerate(t):
                 _real(f"thresholds[{i}]", x, None)
             self.thresholds = [float(x) for x in t]
+
+    @property
+    def replay_layers(self) -> tuple:
+        """The replay layers' indices, ascending."""
+        return tuple(range(self.layers)) if isinstance(self.layers, int) else self.layers
+
+    @property
+    def depth(self) -> int:
+        """The deepest replay layer + 1: how many decoder layers the base pass runs."""
+        return self.replay_layers[-1] + 1
+
+    def off_layers(self) -> list:
+        """The layers below `depth` that are not replay layers: they select no token."""
+        listed = set(self.replay_layers)
+        return [l for l in range(self.depth) if l not in listed]
+
+    def thresholds_by_layer(self) -> list:
+        """`thresholds` spread over layers 0 .. depth-1 (0.0 at the layers that are
+        not replayed, whose selection is cleared anyway)."""
+        full = [0.0] * self.depth
+        for l, t in zip(self.replay_layers, self.thresholds):
+            full[l] = t
+        return full
 
     def as_dict(self) -> dict:
         """The settings as JSON values (the callback is not a setting): what result
@@ -115,7 +146,7 @@ class ReplayConfig:
         if self.rule == "ratio":
             return "ratio", [float(self.entropy_threshold)]
         if self.rule == "absolute":
-            return "absolute", list(self.thresholds)
+            return "absolute", self.thresholds_by_layer()
         k = self.topk_tokens
         count = k if isinstance(k, int) else int(k * n_visual)  # a fraction: floor
         return "topk", [float(min(count, n_visual))]
@@ -127,6 +158,21 @@ class ReplayConfig:
                 f"ReplayConfig.preset: unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}"
             )
         return cls(**{**PRESETS[name], **overrides})
+
+
+def layer_list(layers) -> tuple:
+    """The replay layers that `ReplayConfig(layers=...)` means (a count or a list)."""
+    return tuple(range(layers)) if isinstance(layers, int) else tuple(layers)
+
+
+def _layer_list(layers):
+    """A list of replay layers, checked: ints >= 0, ascending, no repeats; 0 .. n-1 becomes n."""
+    ok = len(layers) > 0 and all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers)
+    if not ok or any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ValueError("ReplayConfig: 'layers' must be a count >= 1 or a non-empty list of layer indices >= 0 in "
+                         f"ascending order without repeats, got {list(layers)!r}")
+    layers = tuple(layers)
+    return len(layers) if layers == tuple(range(len(layers))) else layers
 
 
 def _integer(name: str, value, lo: int) -> None:

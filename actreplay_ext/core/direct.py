@@ -67,13 +67,14 @@ def plan_direct(rlvr: ModelAdapter, rlvr_pre: Prefill, base: ModelAdapter, base_
     if tuple(rlvr_pre.input_ids.shape) != tuple(base_pre.input_ids.shape) or not torch.equal(
             rlvr_pre.input_ids.cpu(), base_pre.input_ids.cpu()):
         raise ValueError("actreplay_ext: the base and RLVR models were given different prompts")
-    L = cfg.layers
+    L = cfg.depth
     e_base, base_inputs = _layer_entropies(base, base_pre, L, keep_inputs=True)
     e_rlvr, _ = _layer_entropies(rlvr, rlvr_pre, L, keep_inputs=False)
     e_rlvr = e_rlvr.to(e_base.device)
     candidates = _non_padding(rlvr_pre).reshape(-1).to(e_base.device)
-    below = ops.select_tokens(e_base.contiguous(), candidates, "absolute", list(cfg.thresholds), "low")
+    below = ops.select_tokens(e_base.contiguous(), candidates, "absolute", cfg.thresholds_by_layer(), "low")
     mask = below & (e_base < e_rlvr)
+    mask[cfg.off_layers()] = False  # layers=[...]: only the listed layers are substituted
     positions, values = [], []
     D = base_pre.hidden0.shape[-1]
     for l in range(L):

@@ -111,7 +111,7 @@ class LossPlan:
     @classmethod
     def build(cls, targets: ReplayTargets, flat_vis: torch.Tensor, n_visual: List[int], cfg: ReplayConfig,
               device) -> "LossPlan":
-        layers = [l for l in range(cfg.inject_layer, cfg.layers) if targets.selected[l].numel()]
+        layers = [l for l in range(cfg.inject_layer, cfg.depth) if targets.selected[l].numel()]
         plan = cls(cfg.inject_layer, cfg.alignment == "published", layers,
                    [flat_vis.index_select(0, targets.selected[l].to(flat_vis.device)) for l in layers])
         if not layers:
@@ -174,7 +174,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     n_visual = pre.visual_rows()
     D = pre.hidden0.shape[-1]
     if sum(n_visual) == 0:
-        return ReplayResult(torch.zeros(0, D), [], [0] * cfg.layers, n_visual, {"loop": 0.0},
+        return ReplayResult(torch.zeros(0, D), [], [0] * cfg.depth, n_visual, {"loop": 0.0},
                             note="no visual tokens: nothing replayed", input_ids=pre.input_ids)
     t0 = time.perf_counter()
     P = pre.prefix_len

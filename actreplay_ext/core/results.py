@@ -110,8 +110,11 @@ def _check_consistent(t: "ReplayTargets", bad) -> None:
     cfg, L = t.config, t.layers
     if not isinstance(cfg, dict) or not isinstance(cfg.get("topv"), int) or cfg["topv"] < 1:
         raise bad("metadata 'config'", f"must hold an int 'topv' >= 1, got {cfg!r}")
-    if cfg.get("layers") != L:
-        raise bad("metadata 'layers'", f"({L}) disagrees with config layers ({cfg.get('layers')!r})")
+    layers = cfg.get("layers")
+    listed = isinstance(layers, list) and layers and all(_is_int(x) for x in layers)
+    depth = layers[-1] + 1 if listed else layers  # layers=[...]: one entry per layer up to the deepest
+    if depth != L:
+        raise bad("metadata 'layers'", f"({L}) disagrees with config layers ({layers!r})")
     ids = t.input_ids
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise bad("'input_ids'", f"must be [B, T] int64, got {tuple(ids.shape)} {ids.dtype}")

@@ -31,7 +31,7 @@ def compute_targets(base: torch.nn.Module, inputs: Dict, config: Optional[Replay
 
 
 def _empty(pre: Prefill, n_visual, row_map, cfg: ReplayConfig, adapter: ModelAdapter) -> ReplayTargets:
-    L = cfg.layers
+    L = cfg.depth
     return ReplayTargets(pre.input_ids.cpu(), n_visual, torch.empty(L, 0),
                          [torch.empty(0, dtype=torch.long) for _ in range(L)],
                          [torch.empty(0, cfg.topv, dtype=torch.long) for _ in range(L)],
@@ -60,7 +60,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         top_logp.append(ops.topk_logp(rows, unembed, norm_w, eps, idx))
 
     with torch.no_grad(), evaluating(adapter.model):
-        run_layers(adapter, pre.hidden0[:, :P], pre.layers.prefix(P), 0, cfg.layers, lens)
+        run_layers(adapter, pre.hidden0[:, :P], pre.layers.prefix(P), 0, cfg.depth, lens)
     entropy = torch.stack(entropies)  # [L, n_total]
     bad = (~torch.isfinite(entropy)).any(1).nonzero()
     if bad.numel():
@@ -70,7 +70,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         )
     selected_mask = select(entropy, n_visual, cfg)
     selected, t_idx, t_logp = [], [], []
-    for l in range(cfg.layers):
+    for l in range(cfg.depth):
         sel = selected_mask[l].nonzero().squeeze(1)
         selected.append(sel)
         t_idx.append(top_idx[l].index_select(0, sel))
@@ -89,6 +89,7 @@ def select(entropy: torch.Tensor, n_visual: Sequence[int], cfg: ReplayConfig) ->
         m = ops.select_tokens(e, cand, rule, value, cfg.select)
         if cfg.inject_layer:  # layers before the injection point cannot be moved
             m[: cfg.inject_layer] = False
+        m[cfg.off_layers()] = False  # layers=[...] leaves out some layers below the deepest
         masks.append(m)
         start += n
     return torch.cat(masks, 1)

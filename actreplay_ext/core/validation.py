@@ -19,7 +19,8 @@ TARGET_FIELDS = ("layers", "entropy_threshold", "topv", "select", "rule", "topk_
 
 
 def target_config(cfg: ReplayConfig) -> Dict:
-    return {k: getattr(cfg, k) for k in TARGET_FIELDS}
+    """As JSON values (a layers list is a list), so saved and in-memory targets compare alike."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(cfg, k)) for k in TARGET_FIELDS)}
 
 
 def model_info(adapter: ModelAdapter) -> Dict:
@@ -29,10 +30,10 @@ def model_info(adapter: ModelAdapter) -> Dict:
 
 def check_config_for(adapter: ModelAdapter, cfg: ReplayConfig, argument: str) -> None:
     """`cfg` fits the model given as `argument` (layers, topv)."""
-    if cfg.layers > adapter.num_layers:
+    if cfg.depth > adapter.num_layers:
         raise ValueError(
             f"actreplay_ext: config.layers = {cfg.layers} exceeds the {adapter.num_layers} decoder layers "
-            f"of the {argument} model"
+            f"of the {argument} model (layers 0 .. {adapter.num_layers - 1})"
         )
     if cfg.topv > adapter.vocab_size:
         raise ValueError(

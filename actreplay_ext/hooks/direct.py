@@ -26,7 +26,7 @@ class DirectReplay(ReplayHandle):
     def __init__(self, model, base=None, config: Optional[ReplayConfig] = None):
         super().__init__(model)
         self.config = dataclasses.replace(config) if config is not None else ReplayConfig(mode="direct")
-        self.layers_of_result = self.config.layers
+        self.layers_of_result = self.config.depth
         self.base = base
         self._base = BasePass.of(self.adapter, base, self.config)
         check_config_for(self.adapter, self.config, "RLVR")
@@ -36,7 +36,7 @@ class DirectReplay(ReplayHandle):
                           "pass base=...", stacklevel=3)
 
     def _install_mode(self, layers) -> None:
-        for l in range(self.config.layers):
+        for l in self.config.replay_layers:
             self._hook(layers[l], functools.partial(self._on_layer, l))
 
     def _prepare(self, rec) -> None:

@@ -79,7 +79,7 @@ class TokenReplay(_OffsetsHandle):
         super().__init__(model)
         # A copy, validated again: a later change to the caller's config cannot reach this handle.
         self.config = dataclasses.replace(config) if config is not None else ReplayConfig()
-        self.layers_of_result = self.config.layers
+        self.layers_of_result = self.config.depth
         self.base = base
         self._base = BasePass.of(self.adapter, base, self.config)
         check_config_for(self.adapter, self.config, "RLVR")

@@ -56,11 +56,11 @@ def _base_targets(b_ad, b_in, vis_pos, cfg):
     """The published base pass: every layer's output, the full lens at every
     position, the selection and the top-`topv` targets."""
     outs = {}
-    _forward(b_ad, b_ad.model, b_in, record_layer_outputs(b_ad, cfg.layers, outs.__setitem__))
+    _forward(b_ad, b_ad.model, b_in, record_layer_outputs(b_ad, cfg.depth, outs.__setitem__))
     W_b, w_b, eps_b = b_ad.unembed(), b_ad.lens_norm_weight(), b_ad.norm_eps()
     entropies, targets = [], []
     with torch.no_grad():
-        for l in range(cfg.layers):
+        for l in range(cfg.depth):
             logits = lens_logits(outs[l][0], W_b, w_b, eps_b)  # [T, V]
             logp = torch.log_softmax(logits, -1)
             entropies.append(-(logp.exp() * logp).sum(-1)[vis_pos])
@@ -69,15 +69,18 @@ def _base_targets(b_ad, b_in, vis_pos, cfg):
     rule, value = cfg.selection_value(n_vis)
     mask = select_tokens(torch.stack(entropies), torch.ones(n_vis, dtype=torch.bool), rule, value, cfg.select)
     mask[:cfg.inject_layer] = False
-    sel = [mask[l].nonzero().squeeze(1) for l in range(cfg.layers)]
-    t_idx = [targets[l].indices[sel[l]] for l in range(cfg.layers)]
-    t_p = [torch.softmax(targets[l].values[sel[l]], -1) for l in range(cfg.layers)]
+    for l in range(cfg.depth):  # with layers=[...], the layers not listed select nothing
+        if l not in cfg.replay_layers:
+            mask[l] = False
+    sel = [mask[l].nonzero().squeeze(1) for l in range(cfg.depth)]
+    t_idx = [targets[l].indices[sel[l]] for l in range(cfg.depth)]
+    t_p = [torch.softmax(targets[l].values[sel[l]], -1) for l in range(cfg.depth)]
     return sel, t_idx, t_p, outs[0].shape[-1]
 
 
 def _rlvr_hooks(r_ad, vis_pos, delta, acts, cfg):
     """Add the offsets at the input of layer m; record the input and output of every replay layer."""
-    L, m = cfg.layers, cfg.inject_layer
+    L, m = cfg.depth, cfg.inject_layer
     layers = r_ad.decoder_layers()
 
     def offset(mod, args, kwargs):
@@ -118,7 +121,7 @@ def published_replay(rlvr, base, inputs, config=None):
         _forward(r_ad, rlvr, r_in, _rlvr_hooks(r_ad, vis_pos, delta, acts, cfg), grad=True)  # the whole model
         loss = torch.zeros((), dtype=torch.float32)
         with torch.enable_grad():
-            for l in range(cfg.inject_layer, cfg.layers):
+            for l in range(cfg.inject_layer, cfg.depth):
                 if sel[l].numel() == 0:
                     continue
                 r = acts[side, l][0, vis_pos[sel[l]]]
@@ -145,7 +148,8 @@ def published_direct(rlvr, base, inputs, config):
     cfg = config
     b_ad, r_ad = get_adapter(base, "base"), get_adapter(rlvr, "rlvr")
     b_in, r_in = b_ad.forward_inputs(inputs), r_ad.forward_inputs(inputs)
-    L = cfg.layers
+    L = cfg.depth
+    thresholds = {l: t for l, t in zip(cfg.replay_layers, cfg.thresholds)}
 
     def run(adapter, model, model_inputs, pre_hook=None):
         ins, outs = {}, {}
@@ -169,7 +173,8 @@ def published_direct(rlvr, base, inputs, config):
     _, r_outs, _ = run(r_ad, rlvr, r_in)
     e_b, e_r = entropies(b_ad, b_outs), entropies(r_ad, r_outs)
     tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
-    masks = [tokens & (e_b[l] < cfg.thresholds[l]) & (e_b[l] < e_r[l]) for l in range(L)]
+    masks = [tokens & (e_b[l] < thresholds[l]) & (e_b[l] < e_r[l]) if l in thresholds else torch.zeros_like(tokens)
+             for l in range(L)]
 
     def replace(l, args, kwargs):
         h = args[0].clone()

@@ -71,6 +71,8 @@ def run_args(ckpt, *extra):
     (["--lr", "-1"], "'lr' must be >= 0"),
     (["--steps", "0"], "'steps' must be an int >= 1"),
     (["--layers", "9"], "config.layers = 9 exceeds the 4 decoder layers of the RLVR model"),
+    (["--layers", "1,4"], "config.layers = (1, 4) exceeds the 4 decoder layers of the RLVR model"),
+    (["--layers", "3,1"], "'layers' must be a count >= 1 or a non-empty list of layer indices >= 0 in ascending"),
     (["--save-targets", "/nonexistent/dir/t.safetensors"], "--save-targets: the directory '/nonexistent/dir' does not"),
     (["--json", "/nonexistent/r.json"], "--json: the directory '/nonexistent' does not exist"),
     (["--targets", "missing.safetensors"], "--targets: 'missing.safetensors' not found"),
@@ -164,9 +166,38 @@ def test_targets_bring_their_layers_and_refuse_a_conflicting_override(ckpt, caps
     assert "in layers 0-2" in again and again.split("(")[0] == first.split("(")[0]
     last = error_of(capsys, argv + ["--layers", "2"])
     assert "--layers 2 conflicts with --targets" in last and "made with layers = 3" in last
+    assert cli.main(argv + ["--layers", "0,1,2"]) == 0  # the file's layers, written as a list
     other = argv[:]
     other[other.index("what is 2 + 2 ?")] = "another question"
     assert "was made for another prompt" in error_of(capsys, other)
+
+
+def test_a_malformed_layer_list_is_an_argparse_error(ckpt, capsys, no_weights):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(run_args(ckpt, "--layers", "1,x"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1] == (
+        "actreplay run: error: argument --layers: expected a count like 16 or a list like 0,2,4, got '1,x'")
+
+
+def test_a_layer_list_runs_records_itself_and_travels_with_its_targets(ckpt, capsys, tmp_path):
+    """--layers 1,3 (the authors' list form): the summary names the layers, the JSON and the
+    targets file record the list, and --targets brings it back (3 and 0,1,2 are one config)."""
+    targets, report = str(tmp_path / "t.safetensors"), tmp_path / "run.json"
+    fast = [a if a != "3" or i != 1 else "1,3" for i, a in enumerate(FAST)]
+    assert cli.main(run_args(ckpt, *fast, "--save-targets", targets, "--json", str(report))) == 0
+    out = capsys.readouterr().out
+    rec = json.loads(report.read_text())
+    assert rec["config"]["layers"] == [1, 3] and len(rec["selected"]) == 4 and rec["selected"][0::2] == [0, 0]
+    assert "in layers 1,3" in out.strip().splitlines()[-1]
+    argv = ["--quiet", "run", "--rlvr", ckpt["rlvr"], "--image", ckpt["image"], "--prompt", "what is 2 + 2 ?",
+            "--lr", "0.005", "--steps", "3", "--max-new-tokens", "4", "--targets", targets]
+    assert cli.main(argv + ["--json", str(report)]) == 0
+    assert json.loads(report.read_text())["config"]["layers"] == [1, 3]
+    capsys.readouterr()
+    last = error_of(capsys, argv + ["--layers", "4"])
+    assert "--layers 4 conflicts with --targets" in last and "made with layers = [1, 3]" in last
+    assert cli.main(argv + ["--layers", "1,3"]) == 0  # the same list is no conflict
 
 
 def test_run_json_and_saved_offsets_record_the_run(ckpt, capsys, tmp_path):
