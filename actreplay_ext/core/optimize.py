@@ -74,9 +74,10 @@ def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTa
 def _warn_if_ineffective(result: ReplayResult, cfg: ReplayConfig) -> None:
     """A replay that cannot have changed anything, or whose loss went the wrong
     way, says so on the package's logger instead of passing without comment."""
-    if not result.replayed:
-        return  # no visual tokens: the result's note says so, generation is the model's own
-    if not any(result.selected[cfg.inject_layer:]):  # the loss reads layers inject_layer .. layers-1
+    if not result.replayed:  # patch() skips such prompts before this; an explicit optimize() hears of it
+        log.warning("actreplay_ext: the prompt has no visual tokens, so there is nothing to replay: the offsets "
+                    "are empty and generation is unchanged")
+    elif not any(result.selected[cfg.inject_layer:]):  # the loss reads layers inject_layer .. layers-1
         log.warning("actreplay_ext: no visual token was selected in any replay layer (select=%r, rule=%r, "
                     "entropy_threshold=%g): the offsets are zero and generation is unchanged",
                     cfg.select, cfg.rule, cfg.entropy_threshold)

@@ -164,4 +164,16 @@ def test_a_rising_loss_warns_and_a_falling_one_does_not(pair, caplog):
         assert bool(warned) == rises and (not rises or f"lr={lr:g}" in warned[0])
 
 
+def test_a_prompt_without_visual_tokens_warns(pair, caplog):
+    base, rlvr = pair
+    inputs = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=2)
+    with caplog.at_level(logging.WARNING, logger="actreplay_ext"):
+        result = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    assert not result.replayed
+    assert [r.getMessage() for r in caplog.records] == [
+        "actreplay_ext: the prompt has no visual tokens, so there is nothing to replay: the offsets are empty "
+        "and generation is unchanged"]
+
+
 RISING_LR = 1.0  # far above what the tiny model takes (its loss jumps at the first update)
