@@ -5,11 +5,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
-__all__ = ["ReplayConfig", "PRESETS", "DIRECT_THRESHOLDS"]
+__all__ = ["ReplayConfig", "PRESETS", "DIRECT_THRESHOLDS", "OPTIMIZERS", "DEFAULT_LR"]
+
+#: The loop's update rules (actreplay_ext.core.optimizers): "sgd" is the published one.
+OPTIMIZERS = ("sgd", "lbfgs")
+#: What lr=None means: sgd's published step size; lbfgs's first step length
+#: relative to the norm of the visual tokens' hidden states.
+DEFAULT_LR = {"sgd": 10.0, "lbfgs": 0.05}
 
 _CHOICES = {
+    "optimizer": OPTIMIZERS,
     "alignment": ("published", "matched"),
     "mode": ("tokens", "direct"),
     "select": ("low", "high"),
@@ -26,10 +33,18 @@ class ReplayConfig:
     sorted list of layer indices, the authors' form (e.g. [15] with
     inject_layer=15 is the mid replay). A list 0 .. n-1 is stored as the count
     n; `replay_layers` lists them either way and `depth` is the deepest + 1.  entropy_threshold: the ratio rule's
-    threshold.  topv: size of the KL's truncated support.  lr, steps: plain
-    gradient descent.  normalize: divide the summed loss by the number of visual
-    tokens.  alignment: "published" pairs the RLVR *input* of layer l with the
-    base *output* of layer l (what produced the paper's numbers); "matched"
+    threshold.  topv: size of the KL's truncated support.  optimizer: the update
+    rule, "sgd" (plain gradient descent, the published one and the default) or
+    "lbfgs" (L-BFGS without a per-model step size, returning its best point; see
+    actreplay_ext.core.optimizers; its effect on benchmark accuracy is not yet
+    measured).  lr: sgd's step size, or lbfgs's first step relative to the
+    hidden states' norm;
+    None: DEFAULT_LR of the optimizer (10.0 for sgd, the published value).
+    steps: loss evaluations (sgd updates after each).  tol: stop early once the
+    gradient's norm is at most tol times the first one (None: never).
+    normalize: divide the summed loss by the number of visual tokens.
+    alignment: "published" pairs the RLVR *input* of layer l with the base
+    *output* of layer l (what produced the paper's numbers); "matched"
     pairs outputs with outputs.  select/rule/topk_tokens/thresholds: the
     selection variants of SPEC §4 (`thresholds`: one per replay layer, in
     `replay_layers` order).  inject_layer: the layer whose input is offset.
@@ -45,7 +60,7 @@ class ReplayConfig:
     layers: Optional[Union[int, Sequence[int]]] = None
     entropy_threshold: float = 0.4
     topv: int = 50
-    lr: float = 10.0
+    lr: Optional[float] = None
     steps: int = 25
     normalize: bool = True
     alignment: str = "published"
@@ -56,7 +71,11 @@ class ReplayConfig:
     topk_tokens: Optional[Union[int, float]] = None
     thresholds: Optional[Sequence[float]] = None
     checkpoint: Union[bool, str] = "auto"
+    optimizer: str = "sgd"
+    tol: Optional[float] = None
     callback: Optional[Callable[[int, float], None]] = dataclasses.field(default=None, compare=False)
+
+    OPTIMIZERS: ClassVar[tuple] = OPTIMIZERS
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
@@ -76,7 +95,11 @@ class ReplayConfig:
         _integer("topv", self.topv, 1)
         _integer("steps", self.steps, 1)
         _integer("inject_layer", self.inject_layer, 0)
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
         _real("lr", self.lr, 0.0)
+        if self.tol is not None:
+            _real("tol", self.tol, 0.0)
         _real("entropy_threshold", self.entropy_threshold, 0.0)
         if not isinstance(self.normalize, bool):
             raise ValueError(f"ReplayConfig: 'normalize' must be True or False, got {self.normalize!r}")
@@ -157,7 +180,10 @@ class ReplayConfig:
             raise ValueError(
                 f"ReplayConfig.preset: unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}"
             )
-        return cls(**{**PRESETS[name], **overrides})
+        settings = dict(PRESETS[name])
+        if overrides.get("optimizer", "sgd") != "sgd" and "lr" not in overrides:
+            settings.pop("lr", None)  # the presets' lr is sgd's; another optimizer takes its own default
+        return cls(**{**settings, **overrides})
 
 
 def layer_list(layers) -> tuple:

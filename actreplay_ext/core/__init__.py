@@ -16,7 +16,7 @@ Imports run one way: core -> models -> ops; the hooks build on core.
 from .batching import distinct_rows
 from .direct import DirectPlan, plan_direct, substitute
 from .layers import AUTO_CHECKPOINT_TOKENS, LayerInputs, lens_params, loop_autograd, run_layers
-from .optimize import LossPlan, optimize, optimize_from_prefill
+from .optimize import LossPlan, optimize, optimize_from_prefill, replay_loss
 from .prefill import Prefill, capture_prefill, layer_inputs, record_layer_loop
 from .reentry import in_internal_forward, internal_forward
 from .results import ReplayResult, ReplayTargets
@@ -26,5 +26,5 @@ from .validation import check_config_for, check_targets, model_info, target_conf
 __all__ = ["AUTO_CHECKPOINT_TOKENS", "DirectPlan", "LayerInputs", "LossPlan", "Prefill", "ReplayResult",
            "ReplayTargets", "capture_prefill", "check_config_for", "check_targets", "compute_targets",
            "distinct_rows", "in_internal_forward", "internal_forward", "layer_inputs", "lens_params", "loop_autograd",
-           "model_info", "optimize", "optimize_from_prefill", "plan_direct", "record_layer_loop", "run_layers",
-           "select", "substitute", "target_config", "targets_from_prefill"]
+           "model_info", "optimize", "optimize_from_prefill", "plan_direct", "record_layer_loop", "replay_loss",
+           "run_layers", "select", "substitute", "target_config", "targets_from_prefill"]

@@ -31,11 +31,12 @@ from .layers import (
     normal_tensors,
     run_layers,
 )
+from .optimizers import make_rule
 from .prefill import Prefill, capture_prefill
 from .results import ReplayResult, ReplayTargets
 from .validation import check_config_for, check_targets
 
-__all__ = ["optimize", "optimize_from_prefill", "LossPlan"]
+__all__ = ["optimize", "optimize_from_prefill", "replay_loss", "LossPlan"]
 
 log = logging.getLogger("actreplay_ext")
 
@@ -71,6 +72,26 @@ def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTa
     return result
 
 
+def replay_loss(rlvr: torch.nn.Module, inputs: Dict, targets: ReplayTargets, deltas,
+                config: Optional[ReplayConfig] = None) -> float:
+    """The replay loss (SPEC §3 step 5) of the RLVR model on `inputs` with the
+    offsets `deltas` added, as the loop computes it: e.g. the loss of the offsets
+    a loop returned (sgd's last update is never scored inside its loop). A
+    batch without repeated rows; `deltas` as in `ReplayResult.deltas`."""
+    cfg = dataclasses.replace(config or ReplayConfig(), optimizer="sgd", lr=0.0, steps=1, tol=None, callback=None)
+    adapter = get_adapter(rlvr, "rlvr")
+    check_config_for(adapter, cfg, "RLVR")
+    pre, row_map = distinct_rows(capture_prefill(adapter, inputs))
+    if len(row_map) != pre.hidden0.shape[0]:
+        raise ValueError("actreplay_ext.replay_loss: 'inputs' has repeated rows; give each prompt once")
+    check_targets(targets, pre, row_map, cfg, adapter)
+    start = torch.cat(list(deltas)) if isinstance(deltas, (list, tuple)) else deltas
+    with no_inference_mode():
+        result = _optimize_distinct(adapter, normal_tensors(pre), normal_tensors(targets), cfg,
+                                    start=start.detach().float())
+    return result.losses[0] if result.losses else 0.0
+
+
 def _warn_if_ineffective(result: ReplayResult, cfg: ReplayConfig) -> None:
     """A replay that cannot have changed anything, or whose loss went the wrong
     way, says so on the package's logger instead of passing without comment."""
@@ -81,6 +102,11 @@ def _warn_if_ineffective(result: ReplayResult, cfg: ReplayConfig) -> None:
         log.warning("actreplay_ext: no visual token was selected in any replay layer (select=%r, rule=%r, "
                     "entropy_threshold=%g): the offsets are zero and generation is unchanged",
                     cfg.select, cfg.rule, cfg.entropy_threshold)
+    elif cfg.optimizer != "sgd":  # it returns its best point: only a loop that never went down is worth a word
+        if len(result.losses) > 1 and min(result.losses[1:]) >= result.losses[0]:
+            log.warning("actreplay_ext: no step of optimizer=%r lowered the replay loss (%.4g) in %d evaluations: "
+                        "the offsets are zero; try a smaller lr (its first step, %g x the hidden states' norm)",
+                        cfg.optimizer, result.losses[0], len(result.losses), cfg.lr)
     elif len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
         log.warning("actreplay_ext: the replay loss rose over %d steps (%.4g -> %.4g): lr=%g is likely too "
                     "large for this model; try a smaller lr", len(result.losses), result.losses[0],
@@ -171,7 +197,7 @@ class LossPlan:
 
 
 def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTargets,
-                       cfg: ReplayConfig) -> ReplayResult:
+                       cfg: ReplayConfig, start: Optional[torch.Tensor] = None) -> ReplayResult:
     n_visual = pre.visual_rows()
     D = pre.hidden0.shape[-1]
     if sum(n_visual) == 0:
@@ -185,8 +211,8 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     targets = targets.to(lens[0].device)
     plan = LossPlan.build(targets, flat_vis, n_visual, cfg, lens[0].device)
     with torch.no_grad():  # layers before the injection point do not depend on the offsets
-        start = run_layers(adapter, pre.hidden0[:, :P].detach(), inputs, 0, cfg.inject_layer)
-    delta, losses = _descend(adapter, plan, start, flat_vis, inputs, lens, cfg)
+        hidden = run_layers(adapter, pre.hidden0[:, :P].detach(), inputs, 0, cfg.inject_layer)
+    delta, losses = _descend(adapter, plan, hidden, flat_vis, inputs, lens, cfg, start)
     deltas = delta.detach()
     if len(n_visual) > 1:
         deltas = list(deltas.split(n_visual))
@@ -195,16 +221,25 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
 
 
 def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vis: torch.Tensor,
-             inputs: LayerInputs, lens, cfg: ReplayConfig):
-    """Plain gradient descent on the offsets, `cfg.steps` times (SPEC §3 step 6).
-    Returns (offsets [n_visual, D] float32, the loss before each update)."""
+             inputs: LayerInputs, lens, cfg: ReplayConfig, init: Optional[torch.Tensor] = None):
+    """Descend on the offsets for `cfg.steps` loss evaluations with the update
+    rule `cfg.optimizer` (SPEC §3 step 6: "sgd", plain gradient descent, an
+    update after each of them), stopping early where `cfg.tol` says the
+    gradient has shrunk. Returns (offsets [n_visual, D] float32, the loss at
+    each evaluation)."""
     B, P, D = start.shape
     dtype = start.dtype
     unembed, norm_w, eps = lens
     flat_hidden = start.reshape(B * P, D).float()
     checkpoint = cfg.checkpoint is True or (cfg.checkpoint == "auto" and B * P >= AUTO_CHECKPOINT_TOKENS)
-    delta = torch.zeros(int(flat_vis.numel()), D, dtype=torch.float32, device=start.device, requires_grad=True)
+    n = int(flat_vis.numel())
+    if init is not None and tuple(init.shape) != (n, D):
+        raise ValueError(f"actreplay_ext: offsets of shape {tuple(init.shape)} for {n} visual tokens of size {D}")
+    delta = (torch.zeros(n, D, dtype=torch.float32, device=start.device) if init is None
+             else init.to(start.device).clone()).requires_grad_(True)
     losses: List[float] = []
+    rule = make_rule(cfg.optimizer, cfg.lr, flat_hidden.index_select(0, flat_vis))
+    first_norm = None
     with loop_autograd(adapter.model):
         for step in range(cfg.steps):
             h = ops.replay_scatter(flat_hidden, flat_vis, delta, "add").to(dtype).view(B, P, D)
@@ -222,7 +257,15 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
             if cfg.callback is not None:
                 cfg.callback(step, value)
             (grad,) = torch.autograd.grad(loss, delta)
+            if cfg.tol is not None:  # converged: the gradient is below tol times the first one
+                norm = float(grad.norm())
+                first_norm = norm if first_norm is None else first_norm
+                if step > 0 and norm <= cfg.tol * first_norm:
+                    log.debug("replay: stopped at step %d (gradient norm %.3g <= tol * %.3g)", step, norm, first_norm)
+                    break
+            if step == cfg.steps - 1 and not rule.update_after_last:
+                break
             with torch.no_grad():
-                delta -= cfg.lr * grad
+                rule.update(delta, grad, value)
             plan.check_update(delta, step)
-    return delta, losses
+    return rule.finish(delta, losses[-1] if losses else 0.0), losses
