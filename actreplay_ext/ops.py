@@ -78,7 +78,13 @@ def topk_kl(
 ) -> torch.Tensor:
     """Per-row ``sum_j p_j (log p_j - log_softmax(z[target_idx])_j)``, ``p = exp(target_logp)``,
     from the ``k`` gathered unembedding rows only. Differentiable in ``hidden``; the
-    gradient takes each row of ``p`` to sum to 1 (log-probabilities, as targets are)."""
+    gradient takes each row of ``p`` to sum to 1 (log-probabilities, as targets are).
+
+    On CPU the forward keeps ``log q`` and the backward reads it instead of
+    recomputing the ``k`` dot products of each row (``topk_kl_logq``; the same
+    values and gradients, bitwise); elsewhere ``torch.ops.actreplay.topk_kl``."""
+    if hidden.device.type == "cpu":
+        return _ops.topk_kl_logq(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)[0]
     return _ops.topk_kl(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)
 
 
@@ -136,6 +142,18 @@ def _topk_logp_fake(hidden, unembed, norm_weight, eps, target_idx):
     return hidden.new_empty(tuple(target_idx.shape), dtype=_result_dtype(hidden))
 
 
+@torch.library.register_fake("actreplay::topk_kl_logq")
+def _topk_kl_logq_fake(hidden, unembed, norm_weight, eps, target_idx, target_logp):
+    torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
+    dtype = _result_dtype(hidden)
+    return hidden.new_empty((hidden.shape[0],), dtype=dtype), hidden.new_empty(tuple(target_idx.shape), dtype=dtype)
+
+
+@torch.library.register_fake("actreplay::topk_kl_backward_logq")
+def _topk_kl_backward_logq_fake(grad_kl, hidden, unembed, norm_weight, eps, target_idx, target_logp, logq):
+    return torch.empty_like(hidden)
+
+
 @torch.library.register_fake("actreplay::topk_kl_backward")
 def _topk_kl_backward_fake(grad_kl, hidden, unembed, norm_weight, eps, target_idx, target_logp):
     return torch.empty_like(hidden)
@@ -180,6 +198,30 @@ torch.library.register_autograd(
 )
 
 
+def _topk_kl_logq_setup(ctx, inputs, output):
+    hidden, unembed, norm_weight, eps, target_idx, target_logp = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hidden, unembed, norm_weight, target_idx, target_logp, output[1])
+    ctx.eps = eps
+
+
+def _topk_kl_logq_backward(ctx, grad_kl, _grad_logq):
+    hidden, unembed, norm_weight, target_idx, target_logp, logq = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    _no_grad_for(ctx, [("unembed", needs[1]), ("norm_weight", needs[2]), ("target_logp", needs[5])], "topk_kl")
+    grad_hidden = None
+    if needs[0]:
+        grad_hidden = _ops.topk_kl_backward_logq(
+            grad_kl.contiguous(), hidden, unembed, norm_weight, ctx.eps, target_idx, target_logp, logq
+        )
+    return grad_hidden, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "actreplay::topk_kl_logq", _topk_kl_logq_backward, setup_context=_topk_kl_logq_setup
+)
+
+
 def _topk_kl_double_backward(ctx, grad_grad_hidden):
     raise RuntimeError(
         "actreplay.topk_kl: double backward (a gradient of its gradient, create_graph=True) is not "
@@ -190,6 +232,9 @@ def _topk_kl_double_backward(ctx, grad_grad_hidden):
 # Its backward op records a node that refuses a second derivative, instead of none (a silent zero).
 torch.library.register_autograd(
     "actreplay::topk_kl_backward", _topk_kl_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+torch.library.register_autograd(
+    "actreplay::topk_kl_backward_logq", _topk_kl_double_backward, setup_context=lambda ctx, inputs, output: None
 )
 
 

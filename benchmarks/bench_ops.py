@@ -144,7 +144,10 @@ def bench_topk_kl(rows, device, m, v, d, k, dtype, repeats):
         fn(x, U, w, 1e-6, idx, lp).sum().backward()
         return x.grad
 
-    cases = {"ours": lambda: run(ops.topk_kl), "oracle": lambda: run(ref.topk_kl)}
+    # "ours" is ops.topk_kl (on CPU its backward reads the forward's log q);
+    # "recompute" is torch.ops.actreplay.topk_kl, whose backward recomputes it.
+    cases = {"ours": lambda: run(ops.topk_kl), "recompute": lambda: run(torch.ops.actreplay.topk_kl),
+             "oracle": lambda: run(ref.topk_kl)}
     res = {k2: measure(f, device, repeats) for k2, f in cases.items()}
     for name, (t, mem) in res.items():
         rows.append(dict(op="topk_kl fwd+bwd", impl=name, device=device, dtype=str(dtype).split(".")[-1],

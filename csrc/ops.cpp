@@ -84,6 +84,36 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& hidden,
                               target_logp);
 }
 
+// The CPU autograd path of ops.topk_kl: the forward keeps log q, and the backward
+// reads it instead of recomputing the k dot products per row. The backward's
+// inputs are the forward's, already validated there: only grad_kl and logq are
+// checked again (shapes, no host sync).
+std::tuple<at::Tensor, at::Tensor> topk_kl_logq(const at::Tensor& hidden, const at::Tensor& unembed,
+                                                const c10::optional<at::Tensor>& norm_weight,
+                                                double eps, const at::Tensor& target_idx,
+                                                const at::Tensor& target_logp) {
+  validate_topk_kl(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+  return topk_kl_logq_cpu(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+}
+
+at::Tensor topk_kl_backward_logq(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                                 const at::Tensor& unembed,
+                                 const c10::optional<at::Tensor>& norm_weight, double eps,
+                                 const at::Tensor& target_idx, const at::Tensor& target_logp,
+                                 const at::Tensor& logq) {
+  TORCH_CHECK_VALUE(grad_kl.dim() == 1 && grad_kl.size(0) == hidden.size(0),
+                    "actreplay.topk_kl_backward_logq: argument 'grad_kl' must be [M] with M = ",
+                    hidden.size(0), ", got shape ", grad_kl.sizes());
+  TORCH_CHECK_VALUE(logq.sizes() == target_idx.sizes() && logq.scalar_type() == result_dtype(hidden) &&
+                        logq.is_contiguous(),
+                    "actreplay.topk_kl_backward_logq: argument 'logq' must be the contiguous ",
+                    result_dtype(hidden), " ", target_idx.sizes(), " log q of topk_kl_logq, got ",
+                    logq.scalar_type(), " ", logq.sizes());
+  const auto grad = grad_kl.to(result_dtype(hidden)).contiguous();
+  return topk_kl_backward_logq_cpu(grad, hidden, unembed, norm_weight, eps, target_idx, target_logp,
+                                   logq);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(actreplay, m) {
@@ -103,6 +133,12 @@ TORCH_LIBRARY(actreplay, m) {
   m.def(
       "topk_kl_backward(Tensor grad_kl, Tensor hidden, Tensor unembed, Tensor? norm_weight, "
       "float eps, Tensor target_idx, Tensor target_logp) -> Tensor");
+  m.def(
+      "topk_kl_logq(Tensor hidden, Tensor unembed, Tensor? norm_weight, float eps, "
+      "Tensor target_idx, Tensor target_logp) -> (Tensor, Tensor)");
+  m.def(
+      "topk_kl_backward_logq(Tensor grad_kl, Tensor hidden, Tensor unembed, Tensor? norm_weight, "
+      "float eps, Tensor target_idx, Tensor target_logp, Tensor logq) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(actreplay, CPU, m) {
@@ -112,6 +148,8 @@ TORCH_LIBRARY_IMPL(actreplay, CPU, m) {
   m.impl("topk_kl", &topk_kl);
   m.impl("topk_logp", &topk_logp);
   m.impl("topk_kl_backward", &topk_kl_backward);
+  m.impl("topk_kl_logq", &topk_kl_logq);
+  m.impl("topk_kl_backward_logq", &topk_kl_backward_logq);
 }
 
 #ifdef ACTREPLAY_WITH_CUDA

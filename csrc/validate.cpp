@@ -90,8 +90,11 @@ void check_lens(const char* op, const at::Tensor& hidden, const at::Tensor& unem
 void check_index_range(const at::Tensor& idx, int64_t upper, const char* op, const char* arg,
                        const char* bound_name) {
   if (idx.numel() == 0) return;
-  const auto lo = idx.min().item<int64_t>();
-  const auto hi = idx.max().item<int64_t>();
+  // one reduction and one host sync for both bounds
+  const auto minmax = at::aminmax(idx);
+  const auto bounds = at::stack({std::get<0>(minmax), std::get<1>(minmax)}).cpu();
+  const auto lo = bounds[0].item<int64_t>();
+  const auto hi = bounds[1].item<int64_t>();
   TORCH_CHECK_INDEX(lo >= 0 && hi < upper, "actreplay.", op, ": argument '", arg,
                     "' must hold indices in [0, ", bound_name, " = ", upper, "), got values in [",
                     lo, ", ", hi, "]");

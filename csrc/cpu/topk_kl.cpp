@@ -95,11 +95,14 @@ acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
   return kl;
 }
 
+template <typename scalar_t>
+using acc_type_ptr = at::opmath_type<scalar_t>*;
+
 template <typename scalar_t, typename logp_t>
 void topk_kl_forward_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
                             const c10::optional<at::Tensor>& norm_weight, double eps,
                             const at::Tensor& target_idx, const at::Tensor& target_logp,
-                            at::Tensor& out) {
+                            at::Tensor& out, acc_type_ptr<scalar_t> logq = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = hidden.size(0), D = hidden.size(1), k = target_idx.size(1);
   const at::Tensor xn = rms_normalize(hidden, norm_weight, eps,
@@ -111,9 +114,11 @@ void topk_kl_forward_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
   acc_t* O = out.data_ptr<acc_t>();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     std::vector<acc_t> z(k), pr(k), buf(D);
-    for (int64_t i = b; i < e; ++i)
-      O[i] = row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, I + i * k, LP + i * k, k, z.data(),
+    for (int64_t i = b; i < e; ++i) {
+      acc_t* zi = logq ? logq + i * k : z.data();  // with `logq`, log q stays for the backward
+      O[i] = row_kl<scalar_t, acc_t, logp_t>(X + i * D, U, D, I + i * k, LP + i * k, k, zi,
                                              pr.data(), buf.data());
+    }
   });
 }
 
@@ -159,6 +164,60 @@ void topk_kl_backward_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden
       }
       // xn = h * r * w with r = (mean(h^2) + eps)^-1/2:
       // dh = r * u - r^3 * h * <u, h> / D, where u = gx * w.
+      const acc_t* hr = H + i * D;
+      acc_t ss = 0, uh = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        ss += hr[d] * hr[d];
+        uh += gx[d] * W[d] * hr[d];
+      }
+      const acc_t r = acc_t(1) / std::sqrt(ss / D + static_cast<acc_t>(eps));
+      const acc_t c = r * r * r * uh / D;
+      for (int64_t d = 0; d < D; ++d)
+        out[d] = static_cast<scalar_t>(r * gx[d] * W[d] - c * hr[d]);
+    }
+  });
+}
+
+// The backward from the forward's log q (topk_kl_logq): d kl / d z_j = g (q_j - p_j)
+// without recomputing the k dot products; only the gathered rows are read again.
+// The same arithmetic as topk_kl_backward_kernel, so the gradients are bitwise equal.
+template <typename scalar_t, typename logp_t>
+void topk_kl_backward_logq_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                                  const at::Tensor& unembed,
+                                  const c10::optional<at::Tensor>& norm_weight, double eps,
+                                  const at::Tensor& target_idx, const at::Tensor& target_logp,
+                                  const at::Tensor& logq, at::Tensor& grad_hidden) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = hidden.size(0), D = hidden.size(1), k = target_idx.size(1);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const bool has_norm = norm_weight.has_value() && norm_weight->defined();
+  const at::Tensor h = hidden.to(acc_dtype).contiguous();
+  const at::Tensor w = has_norm ? norm_weight->to(acc_dtype).contiguous() : at::Tensor();
+  const acc_t* H = h.data_ptr<acc_t>();
+  const acc_t* W = has_norm ? w.data_ptr<acc_t>() : nullptr;
+  const scalar_t* U = unembed.data_ptr<scalar_t>();
+  const int64_t* I = target_idx.data_ptr<int64_t>();
+  const logp_t* LP = target_logp.data_ptr<logp_t>();
+  const acc_t* LQ = logq.data_ptr<acc_t>();
+  const acc_t* G = grad_kl.data_ptr<acc_t>();
+  scalar_t* GH = grad_hidden.data_ptr<scalar_t>();
+
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> gx(D), buf(D);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t* idx = I + i * k;
+      std::fill(gx.begin(), gx.end(), acc_t(0));
+      for (int64_t j = 0; j < k; ++j) {
+        if (j + 1 < k) prefetch_row(U + idx[j + 1] * D, D);
+        const acc_t p = std::exp(static_cast<acc_t>(LP[i * k + j]));
+        const acc_t gz = G[i] * (std::exp(LQ[i * k + j]) - p);
+        axpy<acc_t>(gz, widen<scalar_t, acc_t>(U + idx[j] * D, D, buf.data()), gx.data(), D);
+      }
+      scalar_t* out = GH + i * D;
+      if (!has_norm) {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(gx[d]);
+        continue;
+      }
       const acc_t* hr = H + i * D;
       acc_t ss = 0, uh = 0;
       for (int64_t d = 0; d < D; ++d) {
@@ -222,6 +281,46 @@ at::Tensor topk_kl_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
                                     });
                                   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_kl_logq_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
+                                                    const c10::optional<at::Tensor>& norm_weight,
+                                                    double eps, const at::Tensor& target_idx,
+                                                    const at::Tensor& target_logp) {
+  const auto dtype = result_dtype(hidden);
+  at::Tensor out = at::empty({hidden.size(0)}, hidden.options().dtype(dtype));
+  at::Tensor logq = at::empty(target_idx.sizes(), hidden.options().dtype(dtype));
+  if (hidden.size(0) == 0) return {out, logq};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "actreplay_topk_kl_logq_cpu", [&] {
+                                    dispatch_logp(target_logp, [&](auto tag) {
+                                      using logp_t = decltype(tag);
+                                      topk_kl_forward_kernel<scalar_t, logp_t>(
+                                          hidden, unembed, norm_weight, eps, target_idx,
+                                          target_logp, out,
+                                          logq.data_ptr<at::opmath_type<scalar_t>>());
+                                    });
+                                  });
+  return {out, logq};
+}
+
+at::Tensor topk_kl_backward_logq_cpu(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                                     const at::Tensor& unembed,
+                                     const c10::optional<at::Tensor>& norm_weight, double eps,
+                                     const at::Tensor& target_idx, const at::Tensor& target_logp,
+                                     const at::Tensor& logq) {
+  at::Tensor grad_hidden = at::empty_like(hidden);
+  if (hidden.size(0) == 0) return grad_hidden;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
+                                  "actreplay_topk_kl_backward_logq_cpu", [&] {
+                                    dispatch_logp(target_logp, [&](auto tag) {
+                                      using logp_t = decltype(tag);
+                                      topk_kl_backward_logq_kernel<scalar_t, logp_t>(
+                                          grad_kl, hidden, unembed, norm_weight, eps,
+                                          target_idx, target_logp, logq, grad_hidden);
+                                    });
+                                  });
+  return grad_hidden;
 }
 
 at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& hidden,

@@ -216,6 +216,38 @@ def test_topk_kl_gradcheck(device, norm):
     assert torch.autograd.gradcheck(lambda x: ops.topk_kl(x, U, w, 1e-6, idx, lp), (h,))
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_topk_kl_cpu_backward_from_the_saved_logq_is_bitwise_the_recomputing_one(dtype, norm):
+    """ops.topk_kl on CPU keeps log q for its backward (topk_kl_logq): the same kl and
+    the same gradient, bit for bit, as torch.ops.actreplay.topk_kl, which recomputes it."""
+    h, U, w, idx, lp = make_kl(37, 2003, 72, 50, dtype, "cpu", seed=11, norm=norm, with_zero_p=True)
+    if dtype == torch.float64:
+        lp = lp.double()
+    g = torch.randn(37, generator=torch.Generator().manual_seed(5))
+    grads, outs = [], []
+    for fn in (ops.topk_kl, torch.ops.actreplay.topk_kl):
+        x = h.clone().requires_grad_()
+        out = fn(x, U, w, 1e-6, idx, lp)
+        (out * g.to(out.dtype)).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    kl, logq = torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)
+    assert torch.equal(kl, outs[1]) and torch.equal(logq, ops.topk_logp(h, U, w, 1e-6, idx))
+
+
+def test_topk_kl_backward_logq_checks_what_it_is_given():
+    h, U, w, idx, lp = make_kl(4, 30, 8, 5, torch.float32, "cpu", seed=1)
+    _, logq = torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)
+    with pytest.raises(ValueError, match="'grad_kl' must be \\[M\\] with M = 4"):
+        torch.ops.actreplay.topk_kl_backward_logq(torch.ones(3), h, U, w, 1e-6, idx, lp, logq)
+    with pytest.raises(ValueError, match="'logq' must be the contiguous"):
+        torch.ops.actreplay.topk_kl_backward_logq(torch.ones(4), h, U, w, 1e-6, idx, lp, logq[:, :4])
+    with pytest.raises(IndexError, match="'target_idx' must hold indices in \\[0, V = 30\\)"):
+        torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx + 30, lp)
+
+
 def test_topk_kl_refuses_gradients_it_does_not_compute(device):
     h, U, w, idx, lp = make_kl(3, 20, 8, 4, torch.float32, device, seed=0)
     U.requires_grad_()
@@ -319,7 +351,12 @@ def _opcheck_cases(device):
          (h, torch.tensor([4, 0], device=device), torch.randn(2, 16, device=device), "replace")),
         (torch.ops.actreplay.select_tokens.default,
          (torch.rand(2, 6, device=device), torch.ones(6, dtype=torch.bool, device=device), "ratio", [0.4], "low")),
-    ]
+    ] + ([  # the CPU path of ops.topk_kl, which keeps log q for its backward
+        (torch.ops.actreplay.topk_kl_logq.default, (h.clone().requires_grad_(), U, w, 1e-6, idx, lp)),
+        (torch.ops.actreplay.topk_kl_logq.default, (hd, U.double(), None, 1e-6, idx, lp.double())),
+        (torch.ops.actreplay.topk_kl_backward_logq.default,
+         (torch.ones(6), h, U, w, 1e-6, idx, lp, torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)[1])),
+    ] if torch.device(device).type == "cpu" else [])
 
 
 def test_opcheck_all_operators(device):
