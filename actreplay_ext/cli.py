@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from . import checks, console, data, provenance
-from .config import layer_list
+from .config import OPTIMIZERS, layer_list
 from .console import UsageError
 
 DESCRIPTION = """\
@@ -337,6 +337,10 @@ def _add_run(sub, common) -> None:
                         "(direct presets: those layers' thresholds)")
     p.add_argument("--lr", type=float, help="override the preset's step size")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="the update rule: sgd (the published one, the presets') or lbfgs (opt-in, no per-model "
+                        "step size; without --lr it takes its own default)")
+    p.add_argument("--tol", type=float, help="stop early once the gradient norm is at most TOL x the first one")
     p.add_argument("--save-targets", metavar="F", help="save the base model's targets (safetensors) for reuse")
     p.add_argument("--targets", metavar="F",
                    help="use targets saved before instead of running the base model (their layers and selection "

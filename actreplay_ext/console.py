@@ -74,13 +74,25 @@ def layers_arg(text: str):
         raise argparse.ArgumentTypeError(f"expected a count like 16 or a list like 0,2,4, got {text!r}") from None
 
 
-def replay_config(args, **overrides):
-    """The preset named by --preset with --layers/--lr/--steps (and `overrides`)
-    on top; a bad combination is a UsageError naming the options."""
+REPLAY_OPTIONS = ("layers", "lr", "steps", "optimizer", "tol")
+
+
+def replay_config(args, defaults=None, **overrides):
+    """The preset named by --preset (or the settings `defaults`, e.g. a demo's) with
+    --layers/--lr/--steps/--optimizer/--tol (and `overrides`) on top; a bad
+    combination is a UsageError naming the options."""
     from .config import PRESETS, ReplayConfig
 
-    given = {k: getattr(args, k) for k in ("layers", "lr", "steps") if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in REPLAY_OPTIONS if getattr(args, k, None) is not None}
     given.update(overrides)
+    if defaults is not None:
+        settings = dict(defaults)
+        if given.get("optimizer", "sgd") != "sgd" and "lr" not in given:
+            settings.pop("lr", None)  # the defaults' lr is sgd's, as a preset's is
+        try:
+            return ReplayConfig(**{**settings, **given})
+        except ValueError as e:
+            raise UsageError(f"{given}: {e}") from None
     thresholds = PRESETS[args.preset].get("thresholds")
     layers = given.get("layers")
     if thresholds is not None and layers is not None:  # direct presets: one threshold per layer

@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import checks, console, data, provenance, verify
+from .config import OPTIMIZERS
 from .console import UsageError
 
 log = logging.getLogger("actreplay_ext.passk")
@@ -74,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override the preset's replay layers: a count N (0..N-1) or a list like 0,2,4")
     p.add_argument("--lr", type=float, help="override the preset's step size")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="the update rule: sgd (the published one, the presets') or lbfgs (opt-in, no per-model "
+                        "step size; without --lr it takes its own default)")
+    p.add_argument("--tol", type=float, help="stop early once the gradient norm is at most TOL x the first one")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each row's seed derives from it and its id)")
     p.add_argument("--save-offsets", metavar="DIR",
                    help="save each row's learned offsets to DIR/<row id>.safetensors (ReplayResult.save)")
@@ -102,10 +107,8 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
     checks.output_dir(args.out, "--out")
     checks.output_dir(args.save_offsets, "--save-offsets")
     if args.demo:
-        from .config import ReplayConfig
-
         rows = data.synthetic_rows(6)
-        cfg = ReplayConfig(layers=3, lr=0.005, steps=5)
+        cfg = console.replay_config(args, defaults=dict(layers=3, lr=0.005, steps=5))  # the tiny model's
         models = {"demo": "actreplay_ext.tiny qwen2_5_vl pair, noise 0.2, seed 0"}
     else:
         missing = [n for n in ("base", "rlvr", "data") if getattr(args, n) is None]

@@ -203,7 +203,8 @@ def test_an_update_that_overflows_raises(pair):
 @pytest.mark.parametrize("field,value", [
     ("entropy_threshold", float("inf")), ("entropy_threshold", float("nan")), ("lr", float("inf")),
     ("lr", float("nan")), ("lr", "10"), ("layers", True),  # lr=None is the optimizer's default
-    ("optimizer", None), ("optimizer", "SGD"), ("tol", "0.1"), ("tol", float("inf")), ("layers", [2, 1]), ("steps", 2.0), ("topv", "50"),
+    ("optimizer", None), ("optimizer", "SGD"), ("tol", "0.1"), ("tol", float("inf")), ("layers", [2, 1]),
+    ("steps", 2.0), ("topv", "50"),
     ("normalize", "no"), ("normalize", 1), ("checkpoint", 1), ("callback", 3), ("alignment", None),
     ("mode", 1), ("inject_layer", -1), ("inject_layer", True),
 ])

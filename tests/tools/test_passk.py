@@ -2,6 +2,7 @@
 passk`, every documented option), the gathered table with bootstrap
 intervals and provenance, resuming, and refusing to mix runs."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -111,6 +112,7 @@ FIRST_RUN = {"--samples": ["4"], "--k": ["1", "2", "4"], "--top-p": ["0.95"], "-
     ({"--samples": ["2"], "--k": ["1", "2"]}, "sampling.samples: 4 there, 2 now"),
     ({"--seed": ["4"]}, "seed: 3 there, 4 now"),
     ({"--top-p": ["0.9"]}, "sampling.top_p: 0.95 there, 0.9 now"),
+    ({"--optimizer": ["lbfgs"]}, 'replay.optimizer: "sgd" there, "lbfgs" now'),
 ])
 def test_a_resume_with_other_settings_refuses_and_names_them(two_ranks, tmp_path, change, named):
     """An --out holding another run's records is never mixed into this run's numbers."""
@@ -210,3 +212,17 @@ def test_a_changed_row_is_refused_on_resume(checkpoint_rows, tmp_path):
                                                                                                   "noise.png")) + "\n")
     proc = launch(["--data", str(changed), *common], check=False)
     assert proc.returncode == 2 and "row 'a/1' changed since its records" in proc.stderr
+
+
+def test_the_demo_takes_the_replay_options_instead_of_ignoring_them(tmp_path):
+    def cfg_of(*argv):
+        p = argparse.ArgumentParser()
+        passk.add_arguments(p)
+        return passk.validate(p.parse_args(["--demo", "--out", str(tmp_path), *argv]))[1]
+
+    assert (cfg_of().layers, cfg_of().lr, cfg_of().steps) == (3, 0.005, 5)  # the tiny model's defaults
+    cfg = cfg_of("--lr", "0.01", "--steps", "2", "--layers", "0,2", "--tol", "0.5")
+    assert (cfg.lr, cfg.steps, cfg.layers, cfg.tol) == (0.01, 2, (0, 2), 0.5)
+    assert cfg_of("--optimizer", "lbfgs").lr == 0.05  # the default's lr is sgd's
+    with pytest.raises(passk.UsageError, match="'steps' must be an int >= 1"):
+        cfg_of("--steps", "0")

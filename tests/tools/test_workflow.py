@@ -200,6 +200,20 @@ def test_a_layer_list_runs_records_itself_and_travels_with_its_targets(ckpt, cap
     assert cli.main(argv + ["--layers", "1,3"]) == 0  # the same list is no conflict
 
 
+def test_run_takes_the_optimizer_and_records_it(ckpt, capsys, tmp_path):
+    """--optimizer lbfgs without --lr takes lbfgs's own step (not the preset's sgd lr = 10)."""
+    report = tmp_path / "run.json"
+    argv = run_args(ckpt, "--layers", "3", "--steps", "4", "--max-new-tokens", "4", "--optimizer", "lbfgs",
+                    "--tol", "1e-3", "--json", str(report))
+    assert cli.main(argv) == 0
+    config = json.loads(report.read_text())["config"]
+    assert config["optimizer"] == "lbfgs" and config["lr"] == 0.05 and config["tol"] == 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(run_args(ckpt, "--optimizer", "adam"))
+    assert "argument --optimizer: invalid choice: 'adam'" in capsys.readouterr().err
+
+
 def test_run_json_and_saved_offsets_record_the_run(ckpt, capsys, tmp_path):
     report, offsets = tmp_path / "run.json", tmp_path / "offsets.safetensors"
     assert cli.main(run_args(ckpt, *FAST, "--json", str(report), "--save-offsets", str(offsets))) == 0
