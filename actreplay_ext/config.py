@@ -54,6 +54,9 @@ class ReplayConfig:
     checkpoint: recompute the decoder layers in the backward instead of keeping
     their activations (True, False, or "auto": when the loop's prefix holds at
     least 4096 tokens); same offsets either way.
+    compile: run each loop evaluation (the offset layers and the lens KL) through
+    torch.compile, dynamic shapes, compiled once per process (opt-in: on CPU the
+    first prompt pays the compilation; see benchmarks/RESULTS.md).
     callback: called with (step, loss) after each step's loss is known.
     """
 
@@ -73,6 +76,7 @@ class ReplayConfig:
     checkpoint: Union[bool, str] = "auto"
     optimizer: str = "sgd"
     tol: Optional[float] = None
+    compile: bool = False
     callback: Optional[Callable[[int, float], None]] = dataclasses.field(default=None, compare=False)
 
     OPTIMIZERS: ClassVar[tuple] = OPTIMIZERS
@@ -101,6 +105,8 @@ class ReplayConfig:
         if self.tol is not None:
             _real("tol", self.tol, 0.0)
         _real("entropy_threshold", self.entropy_threshold, 0.0)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"ReplayConfig: 'compile' must be True or False, got {self.compile!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"ReplayConfig: 'normalize' must be True or False, got {self.normalize!r}")
         if not any(self.checkpoint is c for c in (True, False)) and self.checkpoint != "auto":

@@ -220,6 +220,28 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
                         input_ids=pre.input_ids, inject_layer=cfg.inject_layer)
 
 
+def _loss_at(adapter: ModelAdapter, plan: LossPlan, flat_hidden: torch.Tensor, flat_vis: torch.Tensor,
+             delta: torch.Tensor, inputs: LayerInputs, lens, shape, dtype, checkpoint: bool):
+    """One evaluation of the loop: the offsets added at the inject layer's input,
+    the loop's layers, the lens KL at the selected tokens. Returns (loss, kl)."""
+    unembed, norm_w, eps = lens
+    h = ops.replay_scatter(flat_hidden, flat_vis, delta, "add").to(dtype).view(shape)
+    rows = torch.cat(plan.read(h, inputs, adapter, checkpoint)).to(unembed.device).contiguous()
+    kl = ops.topk_kl(rows, unembed, norm_w, eps, plan.target_idx, plan.target_logp)
+    return (kl * plan.weights).sum(), kl
+
+
+_COMPILED = []
+
+
+def compiled_loss():
+    """`_loss_at` through torch.compile (ReplayConfig(compile=True)), made once per
+    process with dynamic shapes, so prompts of other sizes reuse its code."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_loss_at, dynamic=True))
+    return _COMPILED[0]
+
+
 def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vis: torch.Tensor,
              inputs: LayerInputs, lens, cfg: ReplayConfig, init: Optional[torch.Tensor] = None):
     """Descend on the offsets for `cfg.steps` loss evaluations with the update
@@ -229,7 +251,6 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
     each evaluation)."""
     B, P, D = start.shape
     dtype = start.dtype
-    unembed, norm_w, eps = lens
     flat_hidden = start.reshape(B * P, D).float()
     checkpoint = cfg.checkpoint is True or (cfg.checkpoint == "auto" and B * P >= AUTO_CHECKPOINT_TOKENS)
     n = int(flat_vis.numel())
@@ -239,17 +260,14 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
              else init.to(start.device).clone()).requires_grad_(True)
     losses: List[float] = []
     rule = make_rule(cfg.optimizer, cfg.lr, flat_hidden.index_select(0, flat_vis))
+    loss_of = compiled_loss() if cfg.compile else _loss_at
     first_norm = None
     with loop_autograd(adapter.model):
         for step in range(cfg.steps):
-            h = ops.replay_scatter(flat_hidden, flat_vis, delta, "add").to(dtype).view(B, P, D)
-            gathered = plan.read(h, inputs, adapter, checkpoint)
-            if not gathered:
+            if not plan.layers:  # nothing selected: the loss is 0 and has no gradient
                 losses.append(0.0)
                 continue
-            rows = torch.cat(gathered).to(unembed.device).contiguous()
-            kl = ops.topk_kl(rows, unembed, norm_w, eps, plan.target_idx, plan.target_logp)
-            loss = (kl * plan.weights).sum()
+            loss, kl = loss_of(adapter, plan, flat_hidden, flat_vis, delta, inputs, lens, (B, P, D), dtype, checkpoint)
             value = float(loss.detach())
             plan.check_finite(value, kl, step)
             losses.append(value)
