@@ -95,6 +95,26 @@ acc_t row_kl(const acc_t* xn, const scalar_t* U, int64_t D, const int64_t* idx,
   return kl;
 }
 
+// d kl / d h from d kl / d xn (`gx`) through the lens RMSNorm, written to `out`.
+// xn = h * r * w with r = (mean(h^2) + eps)^-1/2: dh = r * u - r^3 * h * <u, h> / D,
+// where u = gx * w. Without a norm weight (W null), dh = gx.
+template <typename scalar_t, typename acc_t>
+void norm_backward(const acc_t* gx, const acc_t* hr, const acc_t* W, int64_t D, double eps,
+                   scalar_t* out) {
+  if (W == nullptr) {
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(gx[d]);
+    return;
+  }
+  acc_t ss = 0, uh = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    ss += hr[d] * hr[d];
+    uh += gx[d] * W[d] * hr[d];
+  }
+  const acc_t r = acc_t(1) / std::sqrt(ss / D + static_cast<acc_t>(eps));
+  const acc_t c = r * r * r * uh / D;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(r * gx[d] * W[d] - c * hr[d]);
+}
+
 template <typename scalar_t>
 using acc_type_ptr = at::opmath_type<scalar_t>*;
 
@@ -157,23 +177,7 @@ void topk_kl_backward_kernel(const at::Tensor& grad_kl, const at::Tensor& hidden
         const acc_t gz = G[i] * (std::exp(z[j]) - pr[j]);
         axpy<acc_t>(gz, rows.data() + j * D, gx.data(), D);
       }
-      scalar_t* out = GH + i * D;
-      if (!has_norm) {
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(gx[d]);
-        continue;
-      }
-      // xn = h * r * w with r = (mean(h^2) + eps)^-1/2:
-      // dh = r * u - r^3 * h * <u, h> / D, where u = gx * w.
-      const acc_t* hr = H + i * D;
-      acc_t ss = 0, uh = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        ss += hr[d] * hr[d];
-        uh += gx[d] * W[d] * hr[d];
-      }
-      const acc_t r = acc_t(1) / std::sqrt(ss / D + static_cast<acc_t>(eps));
-      const acc_t c = r * r * r * uh / D;
-      for (int64_t d = 0; d < D; ++d)
-        out[d] = static_cast<scalar_t>(r * gx[d] * W[d] - c * hr[d]);
+      norm_backward<scalar_t, acc_t>(gx.data(), H + i * D, W, D, eps, GH + i * D);
     }
   });
 }
@@ -213,21 +217,7 @@ void topk_kl_backward_logq_kernel(const at::Tensor& grad_kl, const at::Tensor& h
         const acc_t gz = G[i] * (std::exp(LQ[i * k + j]) - p);
         axpy<acc_t>(gz, widen<scalar_t, acc_t>(U + idx[j] * D, D, buf.data()), gx.data(), D);
       }
-      scalar_t* out = GH + i * D;
-      if (!has_norm) {
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(gx[d]);
-        continue;
-      }
-      const acc_t* hr = H + i * D;
-      acc_t ss = 0, uh = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        ss += hr[d] * hr[d];
-        uh += gx[d] * W[d] * hr[d];
-      }
-      const acc_t r = acc_t(1) / std::sqrt(ss / D + static_cast<acc_t>(eps));
-      const acc_t c = r * r * r * uh / D;
-      for (int64_t d = 0; d < D; ++d)
-        out[d] = static_cast<scalar_t>(r * gx[d] * W[d] - c * hr[d]);
+      norm_backward<scalar_t, acc_t>(gx.data(), H + i * D, W, D, eps, GH + i * D);
     }
   });
 }
