@@ -52,7 +52,7 @@ def demo(args) -> int:
           f"D={rlvr.config.text_config.hidden_size}, V={rlvr.config.text_config.vocab_size}); prompt of "
           f"{inputs['input_ids'].shape[1]} tokens with 2 images = {n_vis} visual tokens")
     print(f"config: layers={cfg.layers} entropy_threshold={cfg.entropy_threshold} topv={cfg.topv} "
-          f"lr={cfg.lr} steps={cfg.steps} alignment={cfg.alignment}\n")
+          f"lr={cfg.step_size} steps={cfg.steps} alignment={cfg.alignment}\n")
     plain = rlvr.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     with ar.patch(rlvr, base=base, config=cfg) as handle:
         replayed = rlvr.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)

@@ -38,8 +38,9 @@ class ReplayConfig:
     "lbfgs" (L-BFGS without a per-model step size, returning its best point; see
     actreplay_ext.core.optimizers; its effect on benchmark accuracy is not yet
     measured).  lr: sgd's step size, or lbfgs's first step relative to the
-    hidden states' norm;
-    None: DEFAULT_LR of the optimizer (10.0 for sgd, the published value).
+    hidden states' norm; None (kept as None, so a copy with another optimizer
+    takes that one's default): DEFAULT_LR of the optimizer (10.0 for sgd, the
+    published value); `step_size` is the value the loop uses.
     steps: loss evaluations (sgd updates after each).  tol: stop early once the
     gradient's norm is at most tol times the first one (None: never).
     normalize: divide the summed loss by the number of visual tokens.
@@ -99,9 +100,8 @@ class ReplayConfig:
         _integer("topv", self.topv, 1)
         _integer("steps", self.steps, 1)
         _integer("inject_layer", self.inject_layer, 0)
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.optimizer]
-        _real("lr", self.lr, 0.0)
+        if self.lr is not None:  # None stays None, so dataclasses.replace(cfg, optimizer=...) takes the new default
+            _real("lr", self.lr, 0.0)
         if self.tol is not None:
             _real("tol", self.tol, 0.0)
         _real("entropy_threshold", self.entropy_threshold, 0.0)
@@ -142,6 +142,16 @@ class ReplayConfig:
             self.thresholds = [float(x) for x in t]
 
     @property
+    def step_size(self) -> float:
+        """The lr the loop uses: `lr`, or the optimizer's DEFAULT_LR when lr is None."""
+        return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
+
+    def __eq__(self, other):  # lr=None and lr=<the optimizer's default> are the same configuration
+        return type(other) is type(self) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # mutable, like any non-frozen dataclass
+
+    @property
     def replay_layers(self) -> tuple:
         """The replay layers' indices, ascending."""
         return tuple(range(self.layers)) if isinstance(self.layers, int) else self.layers
@@ -168,6 +178,7 @@ class ReplayConfig:
         """The settings as JSON values (the callback is not a setting): what result
         files and reports record, and what `ReplayConfig(**d)` rebuilds."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
+        fields["lr"] = self.step_size  # recorded resolved: a file says which step size was used
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
     def selection_value(self, n_visual: int):

@@ -135,7 +135,7 @@ def published_replay(rlvr, base, inputs, config=None):
         if loss.requires_grad:
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta -= cfg.lr * grad
+                delta -= cfg.step_size * grad
     return {"deltas": delta.detach(), "losses": losses, "selected": [int(s.numel()) for s in sel]}
 
 

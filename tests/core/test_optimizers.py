@@ -3,6 +3,7 @@ stays the default and bitwise what it was; "lbfgs" needs no per-model step
 size and returns its best point; tol stops either early; replay_loss scores
 any offsets as the loop does."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -31,13 +32,25 @@ def prompt(pair):
 
 def test_defaults_and_choices():
     cfg = ar.ReplayConfig()
-    assert cfg.optimizer == "sgd" and cfg.lr == 10.0 and cfg.tol is None and cfg == ar.ReplayConfig(lr=10.0)
+    assert cfg.optimizer == "sgd" and cfg.step_size == 10.0 and cfg.tol is None and cfg == ar.ReplayConfig(lr=10.0)
+    assert cfg != ar.ReplayConfig(lr=1.0) and cfg.as_dict()["lr"] == 10.0  # files record the step size used
     assert ar.ReplayConfig.OPTIMIZERS == ("sgd", "lbfgs") == ar.config.OPTIMIZERS
-    assert ar.ReplayConfig(optimizer="lbfgs").lr == ar.config.DEFAULT_LR["lbfgs"] == 0.05
-    assert ar.ReplayConfig.preset("mm-eureka-7b").lr == 10.0
+    assert ar.ReplayConfig(optimizer="lbfgs").step_size == ar.config.DEFAULT_LR["lbfgs"] == 0.05
+    assert ar.ReplayConfig.preset("mm-eureka-7b").step_size == 10.0
     # the presets' lr is sgd's: another optimizer takes its own default unless lr is given
-    assert ar.ReplayConfig.preset("mm-eureka-7b", optimizer="lbfgs").lr == 0.05
-    assert ar.ReplayConfig.preset("mm-eureka-7b", optimizer="lbfgs", lr=0.1).lr == 0.1
+    assert ar.ReplayConfig.preset("mm-eureka-7b", optimizer="lbfgs").step_size == 0.05
+    assert ar.ReplayConfig.preset("mm-eureka-7b", optimizer="lbfgs", lr=0.1).step_size == 0.1
+
+
+def test_a_copy_with_another_optimizer_takes_its_default_lr():
+    """lr=None is kept, not resolved at construction: dataclasses.replace(cfg,
+    optimizer="lbfgs") once kept sgd's lr=10 (200x lbfgs's first step)."""
+    cfg = ar.ReplayConfig(layers=3)
+    assert cfg.lr is None
+    assert dataclasses.replace(cfg, optimizer="lbfgs").step_size == 0.05
+    assert dataclasses.replace(cfg, optimizer="lbfgs", lr=0.2).step_size == 0.2
+    given = ar.ReplayConfig(layers=3, lr=10.0)
+    assert dataclasses.replace(given, optimizer="lbfgs").step_size == 10.0  # an lr given is the user's
     with pytest.raises(ValueError, match="'optimizer' must be one of 'sgd', 'lbfgs', got 'adam'"):
         ar.ReplayConfig(optimizer="adam")
     for bad in (-1.0, float("nan"), "0.1", True):

@@ -99,7 +99,7 @@ def test_config_fuzz_accepts_valid_values_or_names_the_field(kwargs):
         return
     import math
     assert isinstance(cfg.layers, int) and not isinstance(cfg.layers, bool) and cfg.layers >= 1
-    assert math.isfinite(cfg.lr) and math.isfinite(cfg.entropy_threshold)
+    assert math.isfinite(cfg.step_size) and math.isfinite(cfg.entropy_threshold)
     assert 0 <= cfg.inject_layer < cfg.layers and isinstance(cfg.normalize, bool)
 
 

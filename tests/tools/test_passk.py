@@ -223,6 +223,6 @@ def test_the_demo_takes_the_replay_options_instead_of_ignoring_them(tmp_path):
     assert (cfg_of().layers, cfg_of().lr, cfg_of().steps) == (3, 0.005, 5)  # the tiny model's defaults
     cfg = cfg_of("--lr", "0.01", "--steps", "2", "--layers", "0,2", "--tol", "0.5")
     assert (cfg.lr, cfg.steps, cfg.layers, cfg.tol) == (0.01, 2, (0, 2), 0.5)
-    assert cfg_of("--optimizer", "lbfgs").lr == 0.05  # the default's lr is sgd's
+    assert cfg_of("--optimizer", "lbfgs").step_size == 0.05  # the default's lr is sgd's
     with pytest.raises(passk.UsageError, match="'steps' must be an int >= 1"):
         cfg_of("--steps", "0")
