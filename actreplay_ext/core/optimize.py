@@ -31,7 +31,7 @@ from .layers import (
     normal_tensors,
     run_layers,
 )
-from .optimizers import make_rule
+from .optimizers import RowRules
 from .prefill import Prefill, capture_prefill
 from .results import ReplayResult, ReplayTargets
 from .validation import check_config_for, check_targets
@@ -106,11 +106,11 @@ def _warn_if_ineffective(result: ReplayResult, cfg: ReplayConfig) -> None:
         if len(result.losses) > 1 and min(result.losses[1:]) >= result.losses[0]:
             log.warning("actreplay_ext: no step of optimizer=%r lowered the replay loss (%.4g) in %d evaluations: "
                         "the offsets are zero; try a smaller lr (its first step, %g x the hidden states' norm)",
-                        cfg.optimizer, result.losses[0], len(result.losses), cfg.lr)
+                        cfg.optimizer, result.losses[0], len(result.losses), cfg.step_size)
     elif len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
         log.warning("actreplay_ext: the replay loss rose over %d steps (%.4g -> %.4g): lr=%g is likely too "
                     "large for this model; try a smaller lr", len(result.losses), result.losses[0],
-                    result.losses[-1], cfg.lr)
+                    result.losses[-1], cfg.step_size)
 
 
 @dataclasses.dataclass
@@ -127,6 +127,15 @@ class LossPlan:
     target_idx: Optional[torch.Tensor] = None
     target_logp: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None  # the prompt row of each selected token, in `weights` order
+    n_rows: int = 1
+
+    def row_losses(self, kl: torch.Tensor) -> List[float]:
+        """The loss of each prompt row (their sum is the loop's loss): one host sync."""
+        if not self.layers:
+            return [0.0] * self.n_rows
+        per_row = torch.zeros(self.n_rows, device=kl.device, dtype=torch.float32)
+        return per_row.index_add_(0, self.rows, (kl.detach() * self.weights).float()).tolist()
 
     @property
     def stop(self) -> int:
@@ -140,18 +149,21 @@ class LossPlan:
               device) -> "LossPlan":
         layers = [l for l in range(cfg.inject_layer, cfg.depth) if targets.selected[l].numel()]
         plan = cls(cfg.inject_layer, cfg.alignment == "published", layers,
-                   [flat_vis.index_select(0, targets.selected[l].to(flat_vis.device)) for l in layers])
+                   [flat_vis.index_select(0, targets.selected[l].to(flat_vis.device)) for l in layers],
+                   n_rows=len(n_visual))
         if not layers:
             return plan
         B = len(n_visual)
         row_of_token = torch.repeat_interleave(torch.arange(B), torch.tensor(n_visual)).to(device)
         n_vis_t = torch.tensor(n_visual, dtype=torch.float32, device=device)
-        weights = []
+        weights, row_ids = [], []
         for l in layers:
             rows = row_of_token.index_select(0, targets.selected[l])
             w = 1.0 / torch.bincount(rows, minlength=B).float().index_select(0, rows)
             weights.append(w / n_vis_t.index_select(0, rows) if cfg.normalize else w)
+            row_ids.append(rows)
         plan.weights = torch.cat(weights)
+        plan.rows = torch.cat(row_ids)
         plan.target_idx = torch.cat([targets.target_idx[l] for l in layers]).contiguous()
         plan.target_logp = torch.cat([targets.target_logp[l].float() for l in layers]).contiguous()
         return plan
@@ -212,7 +224,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     plan = LossPlan.build(targets, flat_vis, n_visual, cfg, lens[0].device)
     with torch.no_grad():  # layers before the injection point do not depend on the offsets
         hidden = run_layers(adapter, pre.hidden0[:, :P].detach(), inputs, 0, cfg.inject_layer)
-    delta, losses = _descend(adapter, plan, hidden, flat_vis, inputs, lens, cfg, start)
+    delta, losses = _descend(adapter, plan, hidden, flat_vis, inputs, lens, cfg, start, n_visual)
     deltas = delta.detach()
     if len(n_visual) > 1:
         deltas = list(deltas.split(n_visual))
@@ -243,12 +255,14 @@ def compiled_loss():
 
 
 def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vis: torch.Tensor,
-             inputs: LayerInputs, lens, cfg: ReplayConfig, init: Optional[torch.Tensor] = None):
+             inputs: LayerInputs, lens, cfg: ReplayConfig, init: Optional[torch.Tensor] = None,
+             n_visual: Optional[List[int]] = None):
     """Descend on the offsets for `cfg.steps` loss evaluations with the update
     rule `cfg.optimizer` (SPEC §3 step 6: "sgd", plain gradient descent, an
     update after each of them), stopping early where `cfg.tol` says the
-    gradient has shrunk. Returns (offsets [n_visual, D] float32, the loss at
-    each evaluation)."""
+    gradient has shrunk. Each prompt row of a batch descends as it would alone
+    (RowRules). Returns (offsets [n_visual, D] float32, the loss at each
+    evaluation, summed over the rows)."""
     B, P, D = start.shape
     dtype = start.dtype
     flat_hidden = start.reshape(B * P, D).float()
@@ -259,9 +273,10 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
     delta = (torch.zeros(n, D, dtype=torch.float32, device=start.device) if init is None
              else init.to(start.device).clone()).requires_grad_(True)
     losses: List[float] = []
-    rule = make_rule(cfg.optimizer, cfg.lr, flat_hidden.index_select(0, flat_vis))
+    rules = RowRules(cfg.optimizer, cfg.step_size, flat_hidden.index_select(0, flat_vis),
+                     n_visual if n_visual is not None else [n], cfg.tol)
+    per_row = cfg.optimizer != "sgd" or cfg.tol is not None  # sgd alone is elementwise: one update for all rows
     loss_of = compiled_loss() if cfg.compile else _loss_at
-    first_norm = None
     with loop_autograd(adapter.model):
         for step in range(cfg.steps):
             if not plan.layers:  # nothing selected: the loss is 0 and has no gradient
@@ -275,15 +290,16 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
             if cfg.callback is not None:
                 cfg.callback(step, value)
             (grad,) = torch.autograd.grad(loss, delta)
-            if cfg.tol is not None:  # converged: the gradient is below tol times the first one
-                norm = float(grad.norm())
-                first_norm = norm if first_norm is None else first_norm
-                if step > 0 and norm <= cfg.tol * first_norm:
-                    log.debug("replay: stopped at step %d (gradient norm %.3g <= tol * %.3g)", step, norm, first_norm)
-                    break
-            if step == cfg.steps - 1 and not rule.update_after_last:
+            row_losses = plan.row_losses(kl) if per_row else None
+            if per_row and not rules.observe(grad, row_losses, step):
+                log.debug("replay: every row stopped by step %d (gradient norm <= tol * its first)", step)
+                break
+            if step == cfg.steps - 1 and not rules.update_after_last:
                 break
             with torch.no_grad():
-                rule.update(delta, grad, value)
+                if per_row:
+                    rules.update(delta, grad, row_losses)
+                else:
+                    delta -= cfg.step_size * grad  # exactly the published update
             plan.check_update(delta, step)
-    return rule.finish(delta, losses[-1] if losses else 0.0), losses
+    return (rules.finish(delta) if per_row else delta), losses

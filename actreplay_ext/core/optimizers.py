@@ -27,7 +27,7 @@ import torch
 
 from ..config import OPTIMIZERS
 
-__all__ = ["UpdateRule", "Sgd", "Lbfgs", "make_rule"]
+__all__ = ["UpdateRule", "Sgd", "Lbfgs", "make_rule", "RowRules"]
 
 
 class UpdateRule:
@@ -115,3 +115,54 @@ def make_rule(optimizer: str, lr: float, hidden_visual: torch.Tensor) -> UpdateR
     if optimizer == "lbfgs":
         return Lbfgs(lr, float(hidden_visual.float().norm()))
     raise ValueError(f"actreplay_ext: unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+class RowRules:
+    """The update rule and the `tol` test of each prompt row of a batch, so a
+    batch gives every row the offsets it gets alone. sgd without tol needs none
+    of this (the rows' gradients are independent and the update elementwise);
+    lbfgs's curvature pairs, best point, step scale and accept test, and tol's
+    gradient norms, are each row's own. A row that meets tol stops updating
+    while the others go on; the loop ends when every row has stopped."""
+
+    def __init__(self, optimizer: str, lr: float, hidden_visual: torch.Tensor, n_visual: List[int],
+                 tol: Optional[float]):
+        bounds = [0]
+        for n in n_visual:
+            bounds.append(bounds[-1] + n)
+        self.slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        self.rules = [make_rule(optimizer, lr, hidden_visual[s]) for s in self.slices]
+        self.update_after_last = self.rules[0].update_after_last
+        self.row_of_token = torch.repeat_interleave(torch.arange(len(n_visual)), torch.tensor(n_visual)).to(
+            hidden_visual.device)
+        self.tol = tol
+        self.first_norm: List[Optional[float]] = [None] * len(n_visual)
+        self.active = [n > 0 for n in n_visual]
+        self.last_loss = [0.0] * len(n_visual)
+
+    def observe(self, grad: torch.Tensor, row_losses: List[float], step: int) -> bool:
+        """Record each active row's loss at this evaluation and apply tol (the
+        gradient norm at most tol times the row's first); whether any row goes on."""
+        norms = None
+        if self.tol is not None:  # one reduction and one host sync for all rows
+            sq = torch.zeros(len(self.slices), device=grad.device, dtype=torch.float32)
+            norms = sq.index_add_(0, self.row_of_token, grad.float().pow(2).sum(1)).sqrt().tolist()
+        for r in range(len(self.slices)):
+            if not self.active[r]:
+                continue
+            self.last_loss[r] = row_losses[r]
+            if norms is not None:
+                if self.first_norm[r] is None:
+                    self.first_norm[r] = norms[r]
+                elif step > 0 and norms[r] <= self.tol * self.first_norm[r]:
+                    self.active[r] = False
+        return any(self.active)
+
+    def update(self, delta: torch.Tensor, grad: torch.Tensor, row_losses: List[float]) -> None:
+        for r, s in enumerate(self.slices):
+            if self.active[r]:
+                self.rules[r].update(delta[s], grad[s], row_losses[r])
+
+    def finish(self, delta: torch.Tensor) -> torch.Tensor:
+        pieces = [rule.finish(delta[s], loss) for rule, s, loss in zip(self.rules, self.slices, self.last_loss)]
+        return torch.cat([p.detach() for p in pieces]) if pieces else delta

@@ -51,6 +51,30 @@ def test_batch_equals_rows_one_by_one(pair):
     assert batch.losses[0] == pytest.approx(total_loss, rel=1e-5)
 
 
+@pytest.mark.parametrize("options", [dict(optimizer="lbfgs"), dict(optimizer="lbfgs", lr=0.5),
+                                     dict(tol=0.6), dict(optimizer="lbfgs", tol=0.3)],
+                         ids=["lbfgs", "lbfgs-long-first-step", "sgd-tol", "lbfgs-tol"])
+def test_batch_rows_descend_alone_with_any_optimizer_and_tol(pair, options):
+    """lbfgs's state (curvature pairs, best point, accept test, step scale) and
+    tol's gradient-norm test are per row: a batch once shared one of each, so a
+    row's offsets depended on the other rows. Each row equals itself alone."""
+    base, rlvr = pair
+    inputs = tiny.make_inputs(base, images=[(8, 8)], batch=3, left_pad=[0, 3, 0], seed=4)
+    cfg = ar.ReplayConfig(layers=3, lr=options.pop("lr", LR if options.get("optimizer") != "lbfgs" else None),
+                          steps=8, **options)
+    batch = replay(base, rlvr, inputs, cfg)
+    assert isinstance(batch.deltas, list) and len(batch.deltas) == 3
+    evaluations = []
+    for b in range(3):
+        one = row_inputs(inputs, b, 1)
+        single = ar.optimize(rlvr, one, ar.compute_targets(base, one, cfg), cfg)
+        scale = float(single.deltas.abs().max())
+        assert scale > 0
+        assert float((batch.deltas[b] - single.deltas).abs().max() / scale) <= 1e-4, b
+        evaluations.append(len(single.losses))
+    assert len(batch.losses) == max(evaluations)  # the batch goes on while any row does
+
+
 def test_identical_rows_are_optimised_once(pair):
     base, rlvr = pair
     one = tiny.make_inputs(base, images=[(8, 8)])
