@@ -86,8 +86,9 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& hidden,
 
 // The CPU autograd path of ops.topk_kl: the forward keeps log q, and the backward
 // reads it instead of recomputing the k dot products per row. The backward's
-// inputs are the forward's, already validated there: only grad_kl and logq are
-// checked again (shapes, no host sync).
+// inputs are normally the forward's, validated there, but the op is public:
+// it checks every shape, dtype and device again (no pass over the data, no
+// host sync), and its kernel refuses indices outside [0, V) as it reads them.
 std::tuple<at::Tensor, at::Tensor> topk_kl_logq(const at::Tensor& hidden, const at::Tensor& unembed,
                                                 const c10::optional<at::Tensor>& norm_weight,
                                                 double eps, const at::Tensor& target_idx,
@@ -101,6 +102,8 @@ at::Tensor topk_kl_backward_logq(const at::Tensor& grad_kl, const at::Tensor& hi
                                  const c10::optional<at::Tensor>& norm_weight, double eps,
                                  const at::Tensor& target_idx, const at::Tensor& target_logp,
                                  const at::Tensor& logq) {
+  check_topk_kl_shapes(hidden, unembed, norm_weight, eps, target_idx, target_logp,
+                       "topk_kl_backward_logq");
   TORCH_CHECK_VALUE(grad_kl.dim() == 1 && grad_kl.size(0) == hidden.size(0),
                     "actreplay.topk_kl_backward_logq: argument 'grad_kl' must be [M] with M = ",
                     hidden.size(0), ", got shape ", grad_kl.sizes());
@@ -109,6 +112,9 @@ at::Tensor topk_kl_backward_logq(const at::Tensor& grad_kl, const at::Tensor& hi
                     "actreplay.topk_kl_backward_logq: argument 'logq' must be the contiguous ",
                     result_dtype(hidden), " ", target_idx.sizes(), " log q of topk_kl_logq, got ",
                     logq.scalar_type(), " ", logq.sizes());
+  TORCH_CHECK_VALUE(grad_kl.device() == hidden.device() && logq.device() == hidden.device(),
+                    "actreplay.topk_kl_backward_logq: arguments 'grad_kl' and 'logq' must be on ",
+                    hidden.device(), ", got ", grad_kl.device(), " and ", logq.device());
   const auto grad = grad_kl.to(result_dtype(hidden)).contiguous();
   return topk_kl_backward_logq_cpu(grad, hidden, unembed, norm_weight, eps, target_idx, target_logp,
                                    logq);

@@ -27,6 +27,12 @@ void validate_replay_scatter(const at::Tensor& hidden, const at::Tensor& positio
 void validate_select_tokens(const at::Tensor& entropy, const at::Tensor& candidates,
                             const std::string& rule, const std::vector<double>& value,
                             const std::string& side);
+// topk_kl's checks that read no data (shapes, dtypes, devices, contiguity):
+// what topk_kl_backward_logq runs, whose kernel checks the index range itself.
+void check_topk_kl_shapes(const at::Tensor& hidden, const at::Tensor& unembed,
+                          const c10::optional<at::Tensor>& norm_weight, double eps,
+                          const at::Tensor& target_idx, const at::Tensor& target_logp,
+                          const char* op);
 // Index range checks read the indices, so they run where the indices live
 // (a device->host copy of M or M*k int64 on CUDA: small next to the kernels).
 void check_index_range(const at::Tensor& idx, int64_t upper, const char* op,

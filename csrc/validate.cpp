@@ -111,9 +111,11 @@ void validate_lens_entropy(const at::Tensor& hidden, const at::Tensor& unembed,
                     V, ", got topk = ", topk);
 }
 
-void validate_topk_logp(const at::Tensor& hidden, const at::Tensor& unembed,
-                        const c10::optional<at::Tensor>& norm_weight, double eps,
-                        const at::Tensor& target_idx, const char* op) {
+// Shapes, dtypes, devices and contiguity of topk_logp's arguments: O(1), no
+// pass over the indices.
+void check_topk_shapes(const at::Tensor& hidden, const at::Tensor& unembed,
+                       const c10::optional<at::Tensor>& norm_weight, double eps,
+                       const at::Tensor& target_idx, const char* op) {
   check_lens(op, hidden, unembed, norm_weight, eps);
   check_tensor(op, "target_idx", target_idx, 2);
   TORCH_CHECK_TYPE(target_idx.scalar_type() == at::kLong, "actreplay.", op,
@@ -125,24 +127,37 @@ void validate_topk_logp(const at::Tensor& hidden, const at::Tensor& unembed,
   TORCH_CHECK_VALUE(target_idx.size(1) >= 1, "actreplay.", op,
                     ": argument 'target_idx' must have k >= 1 columns, got shape ",
                     target_idx.sizes());
+}
+
+void validate_topk_logp(const at::Tensor& hidden, const at::Tensor& unembed,
+                        const c10::optional<at::Tensor>& norm_weight, double eps,
+                        const at::Tensor& target_idx, const char* op) {
+  check_topk_shapes(hidden, unembed, norm_weight, eps, target_idx, op);
   check_index_range(target_idx, unembed.size(0), op, "target_idx", "V");
+}
+
+void check_topk_kl_shapes(const at::Tensor& hidden, const at::Tensor& unembed,
+                          const c10::optional<at::Tensor>& norm_weight, double eps,
+                          const at::Tensor& target_idx, const at::Tensor& target_logp,
+                          const char* op) {
+  check_topk_shapes(hidden, unembed, norm_weight, eps, target_idx, op);
+  check_tensor(op, "target_logp", target_logp, 2);
+  TORCH_CHECK_TYPE(
+      target_logp.scalar_type() == at::kFloat || target_logp.scalar_type() == at::kDouble,
+      "actreplay.", op, ": argument 'target_logp' must be float32 or float64, got ",
+      target_logp.scalar_type());
+  check_device(op, "target_logp", target_logp, "hidden", hidden);
+  TORCH_CHECK_VALUE(target_logp.sizes() == target_idx.sizes(),
+                    "actreplay.", op, ": argument 'target_logp' must have the shape of "
+                    "'target_idx' ",
+                    target_idx.sizes(), ", got ", target_logp.sizes());
 }
 
 void validate_topk_kl(const at::Tensor& hidden, const at::Tensor& unembed,
                       const c10::optional<at::Tensor>& norm_weight, double eps,
                       const at::Tensor& target_idx, const at::Tensor& target_logp) {
-  const char* op = "topk_kl";
-  validate_topk_logp(hidden, unembed, norm_weight, eps, target_idx, op);
-  check_tensor(op, "target_logp", target_logp, 2);
-  TORCH_CHECK_TYPE(
-      target_logp.scalar_type() == at::kFloat || target_logp.scalar_type() == at::kDouble,
-      "actreplay.topk_kl: argument 'target_logp' must be float32 or float64, got ",
-      target_logp.scalar_type());
-  check_device(op, "target_logp", target_logp, "hidden", hidden);
-  TORCH_CHECK_VALUE(target_logp.sizes() == target_idx.sizes(),
-                    "actreplay.topk_kl: argument 'target_logp' must have the shape of "
-                    "'target_idx' ",
-                    target_idx.sizes(), ", got ", target_logp.sizes());
+  check_topk_kl_shapes(hidden, unembed, norm_weight, eps, target_idx, target_logp, "topk_kl");
+  check_index_range(target_idx, unembed.size(0), "topk_kl", "target_idx", "V");
   if (target_logp.numel() > 0) {
     // -inf (probability 0) is allowed; NaN and +inf are not probabilities.
     const bool bad = at::logical_or(at::isnan(target_logp), at::isposinf(target_logp))

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -206,10 +207,16 @@ void topk_kl_backward_logq_kernel(const at::Tensor& grad_kl, const at::Tensor& h
   const acc_t* G = grad_kl.data_ptr<acc_t>();
   scalar_t* GH = grad_hidden.data_ptr<scalar_t>();
 
+  const int64_t V = unembed.size(0);
+  std::atomic<bool> out_of_range{false};
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     std::vector<acc_t> gx(D), buf(D);
     for (int64_t i = b; i < e; ++i) {
       const int64_t* idx = I + i * k;
+      if (std::any_of(idx, idx + k, [V](int64_t v) { return v < 0 || v >= V; })) {
+        out_of_range = true;  // checked while the row is in cache: no separate pass
+        continue;
+      }
       std::fill(gx.begin(), gx.end(), acc_t(0));
       for (int64_t j = 0; j < k; ++j) {
         if (j + 1 < k) prefetch_row(U + idx[j + 1] * D, D);
@@ -220,6 +227,8 @@ void topk_kl_backward_logq_kernel(const at::Tensor& grad_kl, const at::Tensor& h
       norm_backward<scalar_t, acc_t>(gx.data(), H + i * D, W, D, eps, GH + i * D);
     }
   });
+  TORCH_CHECK_INDEX(!out_of_range, "actreplay.topk_kl_backward_logq: argument 'target_idx' must hold "
+                    "indices in [0, V = ", V, ")");
 }
 
 template <typename F>

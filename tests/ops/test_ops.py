@@ -246,6 +246,25 @@ def test_topk_kl_backward_logq_checks_what_it_is_given():
         torch.ops.actreplay.topk_kl_backward_logq(torch.ones(4), h, U, w, 1e-6, idx, lp, logq[:, :4])
     with pytest.raises(IndexError, match="'target_idx' must hold indices in \\[0, V = 30\\)"):
         torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx + 30, lp)
+    # The backward is a public op too: what it is given directly is checked
+    # (a bad index once read out of bounds and crashed the process).
+    g = torch.ones(4)
+    bwd = torch.ops.actreplay.topk_kl_backward_logq
+    for bad in (idx + 30, idx - 31, idx.clone().index_fill_(0, torch.tensor([2]), 30)):
+        with pytest.raises(IndexError, match="topk_kl_backward_logq: argument 'target_idx' must hold indices in "
+                                             "\\[0, V = 30\\)"):
+            bwd(g, h, U, w, 1e-6, bad, lp, logq)
+    with pytest.raises(ValueError, match="topk_kl_backward_logq: argument 'target_idx' must be contiguous"):
+        bwd(g, h, U, w, 1e-6, torch.cat([idx, idx], 1)[:, ::2], lp, logq)
+    with pytest.raises(ValueError, match="topk_kl_backward_logq: argument 'unembed' must be contiguous"):
+        bwd(g, h, U.t().contiguous().t(), w, 1e-6, idx, lp, logq)
+    with pytest.raises(TypeError, match="topk_kl_backward_logq: argument 'target_idx' must be int64"):
+        bwd(g, h, U, w, 1e-6, idx.int(), lp, logq)
+    with pytest.raises(ValueError, match="topk_kl_backward_logq: argument 'target_logp' must have the shape"):
+        bwd(g, h, U, w, 1e-6, idx, lp[:, :3].contiguous(), logq)
+    with pytest.raises(ValueError, match="topk_kl_backward_logq: argument 'target_idx' must be \\[M, k\\]"):
+        bwd(g, h, U, w, 1e-6, idx[:3], lp[:3], logq[:3])
+    assert torch.isfinite(bwd(g, h, U, w, 1e-6, idx, lp, logq)).all()  # and good input still works
 
 
 def test_topk_kl_refuses_gradients_it_does_not_compute(device):
