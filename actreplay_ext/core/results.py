@@ -174,6 +174,11 @@ class ReplayResult:
     def replayed(self) -> bool:
         return sum(self.n_visual) > 0
 
+    @property
+    def direct(self) -> bool:
+        """A direct substitution (mode="direct"): it records what was substituted, and holds no offsets."""
+        return isinstance(self.config, dict) and self.config.get("mode") == "direct"
+
     def flat_deltas(self) -> torch.Tensor:
         if isinstance(self.deltas, torch.Tensor):
             return self.deltas
@@ -182,7 +187,9 @@ class ReplayResult:
     def save(self, path: str) -> None:
         """Write the offsets, the prompt they belong to and how they were found
         to a safetensors file (no pickles); `ReplayResult.load` reads it back
-        and `actreplay_ext.apply` adds the offsets again."""
+        and `actreplay_ext.apply` adds the offsets again. Every result saves and
+        loads, also those without offsets (a direct substitution, a forward
+        patch() did not replay), as a record; apply() refuses those."""
         from safetensors.torch import save_file
 
         rows = self.deltas if isinstance(self.deltas, list) else None
@@ -255,7 +262,8 @@ def _is_int(x, lo=0) -> bool:
 def _check_result(fields: Dict, tensors: Dict[str, torch.Tensor], input_ids, bad) -> None:
     """A loaded result's fields agree with each other; `bad(field, problem)` makes the error."""
     nv = fields["n_visual"]
-    if not isinstance(nv, list) or not nv or not all(_is_int(n) for n in nv):
+    # [] is a forward that was not replayed (patch() skipped it: handle.last records why, in its note)
+    if not isinstance(nv, list) or not all(_is_int(n) for n in nv) or (not nv and fields["rows"] is not None):
         raise bad("metadata 'n_visual'", f"must list the visual-token count of every row, got {nv!r}")
     for key in ("losses",):
         v = fields[key]
@@ -271,9 +279,12 @@ def _check_result(fields: Dict, tensors: Dict[str, torch.Tensor], input_ids, bad
             raise bad(f"metadata '{key}'", f"must be an int >= 0, got {fields[key]!r}")
     if fields["config"] is not None and not isinstance(fields["config"], dict):
         raise bad("metadata 'config'", f"must be null or an object, got {fields['config']!r}")
-    expected = nv if fields["rows"] is not None else [sum(nv)]
+    direct = isinstance(fields["config"], dict) and fields["config"].get("mode") == "direct"
+    expected = nv if fields["rows"] is not None else [0 if direct else sum(nv)]  # direct: no offsets, [0, D]
     if fields["rows"] is not None and fields["rows"] != len(nv):
         raise bad("metadata 'rows'", f"({fields['rows']}) disagrees with n_visual ({len(nv)} rows)")
+    if not nv and any(t.shape[0] for t in tensors.values() if t.dim()):
+        raise bad("metadata 'n_visual'", "is [] (a forward that was not replayed) but the file holds offsets")
     widths = set()
     for (name, t), n in zip(tensors.items(), expected):
         if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != n:
@@ -281,7 +292,7 @@ def _check_result(fields: Dict, tensors: Dict[str, torch.Tensor], input_ids, bad
                                    f"got {tuple(t.shape)} {t.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise bad(f"'{name}'", "holds non-finite values")
-        if n:
+        if n or direct:
             widths.add(t.shape[1])
     if len(widths) > 1:
         raise bad("deltas", f"rows have different hidden sizes {sorted(widths)}")

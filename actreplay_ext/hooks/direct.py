@@ -55,7 +55,7 @@ class DirectReplay(ReplayHandle):
             plan = plan_direct(self.adapter, rlvr_pre, self._base.adapter, base_pre, self.config)
         self.last = ReplayResult(torch.zeros(0, rlvr_pre.hidden0.shape[-1]), [], plan.counts,
                                  rlvr_pre.visual.sum(1).tolist(), {}, note="direct substitution",
-                                 input_ids=rec.input_ids)
+                                 input_ids=rec.input_ids, config=self.config.as_dict())
         self._records.remember(Remembered(rlvr_pre.input_ids, rlvr_pre.hidden0, plan, rec.vision_calls, encoded))
         rec.pending = plan
 

@@ -114,8 +114,10 @@ class TokenReplay(_OffsetsHandle):
         self.last = result
         self._records.remember(Remembered(pre.input_ids, pre.hidden0[:, :pre.prefix_len], result,
                                           rec.vision_calls, encoded))
-        log.info("actreplay: replayed %d visual tokens, loss %.4g -> %.4g",
-                 sum(result.n_visual), result.losses[0], result.losses[-1])
+        if result.losses:  # sgd: first -> last; lbfgs returns its best point: first -> best
+            final = result.losses[-1] if self.config.optimizer == "sgd" else min(result.losses)
+            log.info("actreplay: replayed %d visual tokens, loss %.4g -> %.4g",
+                     sum(result.n_visual), result.losses[0], final)
         return result.flat_deltas()
 
     def _targets_for(self, rec: ForwardRecord) -> Optional[ReplayTargets]:
@@ -132,12 +134,21 @@ class FixedOffsets(_OffsetsHandle):
     beams) get that row's offsets, any other prompt is an error."""
 
     def __init__(self, model, result: ReplayResult):
+        if result.direct:
+            raise ValueError("actreplay_ext.apply: the result is a direct substitution (mode='direct'), which learns "
+                             "no offsets; replay it with patch(model, base=base, config=ReplayConfig(mode='direct'))")
         super().__init__(model)
         self.result = result
         self.inject_layer = result.inject_layer
         self._install()
 
     def _offsets_for(self, rec):
+        if not self.result.replayed:  # a forward that was not replayed, a prompt without visual tokens
+            if bool(self.adapter.visual_mask(rec.input_ids).any()):
+                why = self.result.note or "no visual tokens"
+                raise ValueError(f"actreplay_ext.apply: the result holds no offsets ({why}) and this prompt has "
+                                 "visual tokens; optimize on these inputs")
+            return None
         ids, learned = rec.input_ids, self.result.input_ids
         if learned is None or (ids.shape == learned.shape and torch.equal(ids.cpu(), learned.cpu())):
             return self.result.flat_deltas()

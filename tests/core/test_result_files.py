@@ -79,6 +79,71 @@ def test_a_prompt_without_visual_tokens_roundtrips(pair, tmp_path):
     assert not loaded.replayed and loaded.note == result.note and "no visual tokens" in loaded.note
 
 
+def _every_kind_of_last(pair):
+    """handle.last of each way a patched forward ends: replayed, a batch,
+    direct substitution, placeholders without images, visual tokens over a
+    KV cache (not replayed)."""
+    import copy
+    import warnings
+
+    base, rlvr = pair
+    inputs = tiny.make_inputs(rlvr)
+    cfg = ar.ReplayConfig(layers=3, lr=LR, steps=2)
+    greedy = dict(max_new_tokens=2, do_sample=False)
+    lasts = {}
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        rlvr.generate(**inputs, **greedy)
+        lasts["replayed"] = handle.last
+        rlvr.generate(**tiny.make_inputs(rlvr, batch=2, seed=3), **greedy)
+        lasts["batch"] = handle.last
+        with torch.no_grad():
+            rlvr(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        lasts["placeholders"] = handle.last
+        head = {k: v[:, :8] for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cache = rlvr(**head, use_cache=True).past_key_values
+            rlvr.generate(**inputs, past_key_values=copy.deepcopy(cache), **greedy)
+        lasts["over-a-cache"] = handle.last
+    direct = ar.ReplayConfig(mode="direct", layers=3, thresholds=[9.0, 9.0, 9.0])
+    with ar.patch(rlvr, base=base, config=direct) as handle:
+        rlvr.generate(**inputs, **greedy)
+        lasts["direct"] = handle.last
+    return lasts, inputs
+
+
+def test_every_result_the_hooks_make_saves_and_loads(pair, tmp_path):
+    """A class of bug: save() wrote files load() refused (a direct
+    substitution's empty offsets, a skipped forward's empty n_visual). Every
+    handle.last saves and loads with the same fields; apply() takes the ones
+    with offsets and refuses the others by name."""
+    _, rlvr = pair
+    lasts, inputs = _every_kind_of_last(pair)
+    assert "over a KV cache" in lasts["over-a-cache"].note and "without images" in lasts["placeholders"].note
+    for kind, last in lasts.items():
+        path = str(tmp_path / f"{kind}.safetensors")
+        last.save(path)
+        loaded = ar.ReplayResult.load(path)
+        assert (loaded.n_visual, loaded.selected, loaded.note, loaded.config) == \
+            (list(last.n_visual), list(last.selected), last.note, last.config), kind
+        assert torch.equal(loaded.flat_deltas(), last.flat_deltas().cpu()), kind
+    assert ar.ReplayResult.load(str(tmp_path / "direct.safetensors")).direct
+    with pytest.raises(ValueError, match="apply: the result is a direct substitution"):
+        ar.apply(rlvr, lasts["direct"]).__enter__()
+    text_only = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    for kind in ("placeholders", "over-a-cache"):  # no offsets: refused where there are visual tokens
+        with ar.apply(rlvr, ar.ReplayResult.load(str(tmp_path / f"{kind}.safetensors"))):
+            with pytest.raises(ValueError, match=r"apply: the result holds no offsets \(.*nothing replayed\) and "
+                                                 "this prompt has visual tokens"):
+                rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
+            rlvr.generate(**text_only, max_new_tokens=2, do_sample=False)  # and nothing to add where there are none
+    skipped = ar.ReplayResult(torch.zeros(0, 0), [], [0, 0, 0], [], {}, note="no input_ids: nothing replayed")
+    skipped.save(str(tmp_path / "no-rows.safetensors"))  # n_visual [] (a forward without input_ids)
+    assert ar.ReplayResult.load(str(tmp_path / "no-rows.safetensors")).n_visual == []
+    with ar.apply(rlvr, ar.ReplayResult.load(str(tmp_path / "replayed.safetensors"))):
+        rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
 def tampered(tmp_path, learned, tensors=None, meta=None):
     _, t0, m0, _, _ = learned
     t = {k: v for k, v in {**t0, **(tensors or {})}.items() if v is not None}
