@@ -201,7 +201,7 @@ def _summary(cfg, result, n_vis: int, texts) -> str:
     """One line: what the replay did and whether it changed the answer."""
     same = "the same answer" if texts[0] == texts[1] else "a different answer"
     if cfg.mode == "direct":
-        selected = " ".join(map(str, getattr(result, "selected", []) or [])) or "-"
+        selected = " ".join(map(str, _per_replay_layer(cfg, getattr(result, "selected", None)))) or "-"
         return (f"direct substitution at layers {_layers_text(cfg)} ({n_vis} visual tokens, substituted "
                 f"{selected}): {same}")
     if result is None or not result.losses:
@@ -210,9 +210,22 @@ def _summary(cfg, result, n_vis: int, texts) -> str:
     if not any(result.selected):
         return (f"no-op replay: none of the {n_vis} visual tokens was selected in layers {_layers_text(cfg)} "
                 f"(loss {losses[0]:.4g} throughout), so the offsets are zero: {same}")
-    return (f"replay: {n_vis} visual tokens, selected {' '.join(map(str, result.selected))} in layers "
-            f"{_layers_text(cfg)}; loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps "
-            f"({result.timings['loop']:.2f} s): {same}")
+    return (f"replay: {n_vis} visual tokens, selected {' '.join(map(str, _per_replay_layer(cfg, result.selected)))} "
+            f"in layers {_layers_text(cfg)}; loss {loss_change(cfg, losses)} ({result.timings['loop']:.2f} s): {same}")
+
+
+def loss_change(cfg, losses) -> str:
+    """'first -> last over n steps' (sgd, the published loop), or first -> the
+    best for an optimizer that returns its best point (lbfgs)."""
+    if cfg.optimizer == "sgd":
+        return f"{losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
+    return f"{losses[0]:.4g} -> {min(losses):.4g} (the best of {len(losses)} evaluations, returned)"
+
+
+def _per_replay_layer(cfg, selected):
+    """The counts of the replay layers only (`selected` has one per layer 0 .. depth-1)."""
+    selected = list(selected or [])
+    return [selected[l] for l in cfg.replay_layers if l < len(selected)]
 
 
 def _layers_text(cfg) -> str:

@@ -93,7 +93,8 @@ class ReplayConfig:
             self.thresholds = list(DIRECT_THRESHOLDS)
         if self.layers is None:
             self.layers = len(self.thresholds) if self.mode == "direct" else 16
-        if isinstance(self.layers, (list, tuple)):
+        listed = isinstance(self.layers, (list, tuple, range))
+        if listed:
             self.layers = _layer_list(self.layers)
         else:
             _integer("layers", self.layers, 1)
@@ -118,6 +119,10 @@ class ReplayConfig:
                 f"ReplayConfig: 'inject_layer' must be an int in [0, {self.depth}) (at or before the deepest replay "
                 f"layer, {self.depth - 1}), got {self.inject_layer!r}"
             )
+        below = [l for l in self.replay_layers if l < self.inject_layer] if listed else []
+        if below:  # the loss reads layers inject_layer and deeper: listing one above them is a mistake
+            raise ValueError(f"ReplayConfig: 'layers' lists {below} below 'inject_layer' ({self.inject_layer}), where "
+                             "no loss can reach the offsets; list layers >= inject_layer")
         if self.mode == "direct" and self.inject_layer:
             raise ValueError(f"ReplayConfig: 'inject_layer' ({self.inject_layer}) applies to mode='tokens'; "
                              "mode='direct' substitutes at the input of every replay layer")

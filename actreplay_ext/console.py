@@ -92,7 +92,7 @@ def replay_config(args, defaults=None, **overrides):
         try:
             return ReplayConfig(**{**settings, **given})
         except ValueError as e:
-            raise UsageError(f"{given}: {e}") from None
+            raise UsageError(f"{as_options(given)}: {e}") from None
     thresholds = PRESETS[args.preset].get("thresholds")
     layers = given.get("layers")
     if thresholds is not None and layers is not None:  # direct presets: one threshold per layer
@@ -104,7 +104,14 @@ def replay_config(args, defaults=None, **overrides):
     try:
         return ReplayConfig.preset(args.preset, **given)
     except ValueError as e:
-        raise UsageError(f"--preset {args.preset} with {given}: {e}") from None
+        raise UsageError(f"--preset {args.preset} {as_options(given)}: {e}".replace("  ", " ")) from None
+
+
+def as_options(given: dict) -> str:
+    """{'tol': -1.0, 'layers': (0, 2)} as the command line said it: '--tol -1.0 --layers 0,2'."""
+    def value(v):
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    return " ".join(f"--{k.replace('_', '-')} {value(v)}" for k, v in given.items())
 
 
 class _OneHandler(logging.StreamHandler):

@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default 1024; demo 6)")
     p.add_argument("--verifier", choices=verify.VERIFIERS, default="auto", help="how answers are checked")
-    p.add_argument("--preset", default="mm-eureka-7b", choices=sorted(PRESETS), help="replay configuration")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="replay configuration (default mm-eureka-7b; --demo has its own)")
     p.add_argument("--layers", type=console.layers_arg,
                    help="override the preset's replay layers: a count N (0..N-1) or a list like 0,2,4")
     p.add_argument("--lr", type=float, help="override the preset's step size")
@@ -106,9 +107,16 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     checks.output_dir(args.out, "--out")
     checks.output_dir(args.save_offsets, "--save-offsets")
+    if args.demo and args.preset is not None:
+        raise UsageError(f"--preset {args.preset}: --demo replays its tiny pair with its own settings (layers 3, "
+                         "lr 0.005, steps 5); change them with --layers/--lr/--steps/--optimizer/--tol")
+    args.preset = args.preset or "mm-eureka-7b"
     if args.demo:
+        from . import tiny
+
         rows = data.synthetic_rows(6)
         cfg = console.replay_config(args, defaults=dict(layers=3, lr=0.005, steps=5))  # the tiny model's
+        checks.check_pair_configs(None, tiny.model_config(), cfg)  # e.g. --layers beyond its 4, before it starts
         models = {"demo": "actreplay_ext.tiny qwen2_5_vl pair, noise 0.2, seed 0"}
     else:
         missing = [n for n in ("base", "rlvr", "data") if getattr(args, n) is None]
@@ -119,6 +127,9 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         if unanswered:
             raise UsageError(f"--data {args.data}: rows without an 'answer': {unanswered[:5]}")
         cfg = console.replay_config(args)
+        if args.save_offsets and cfg.mode == "direct":
+            raise UsageError(f"--save-offsets: --preset {args.preset} is a direct substitution (mode='direct'), which "
+                             "learns no offsets to save; drop --save-offsets or take a mode='tokens' preset")
         base_config = checks.checkpoint_config(args.base, "--base")
         rlvr_config = checks.checkpoint_config(args.rlvr, "--rlvr")
         checks.check_pair_configs(base_config, rlvr_config, cfg)

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["make_model", "make_pair", "make_inputs", "make_processor", "save_pair", "FAMILIES", "TinyFamily",
-           "FAMILIES_TINY", "pair", "available_families"]
+__all__ = ["make_model", "model_config", "make_pair", "make_inputs", "make_processor", "save_pair", "FAMILIES",
+           "TinyFamily", "FAMILIES_TINY", "pair", "available_families"]
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 990, 991, 992, 993
@@ -74,10 +74,17 @@ def make_model(family: str = "qwen2_5_vl", seed: int = 0, hidden: int = 64, laye
                attn_implementation: str = "eager", dtype=torch.float32, sharpen: float = 35.0, device=None):
     """A random model; `device` builds the weights there directly (7B-shaped models on a GPU)."""
     torch.manual_seed(seed)
-    cfg = _config(family, hidden, layers, vocab, heads, kv_heads, intermediate)
+    cfg = model_config(family, hidden, layers, vocab, heads, kv_heads, intermediate)
     with torch.device(device or "cpu"):
         model = model_class(family)._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
     return finish(model, sharpen)
+
+
+def model_config(family: str = "qwen2_5_vl", hidden: int = 64, layers: int = 4, vocab: int = 1000, heads: int = 4,
+                 kv_heads: Optional[int] = None, intermediate: Optional[int] = None):
+    """The HF config of `make_model` (the demo's pair, with its defaults): what a
+    tool checks a replay configuration against before it builds any weights."""
+    return _config(family, hidden, layers, vocab, heads, kv_heads, intermediate)
 
 
 def build(model_cls, config, sharpen: float, attn_implementation: str = "eager", dtype=torch.float32):

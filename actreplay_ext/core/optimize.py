@@ -103,7 +103,7 @@ def _warn_if_ineffective(result: ReplayResult, cfg: ReplayConfig) -> None:
                     "entropy_threshold=%g): the offsets are zero and generation is unchanged",
                     cfg.select, cfg.rule, cfg.entropy_threshold)
     elif cfg.optimizer != "sgd":  # it returns its best point: only a loop that never went down is worth a word
-        if len(result.losses) > 1 and min(result.losses[1:]) >= result.losses[0]:
+        if len(result.losses) > 1 and min(result.losses[1:]) >= result.losses[0] > 0:  # 0: nothing to lower
             log.warning("actreplay_ext: no step of optimizer=%r lowered the replay loss (%.4g) in %d evaluations: "
                         "the offsets are zero; try a smaller lr (its first step, %g x the hidden states' norm)",
                         cfg.optimizer, result.losses[0], len(result.losses), cfg.step_size)

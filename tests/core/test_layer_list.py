@@ -46,6 +46,16 @@ def test_list_properties_and_round_trips():
     assert dataclasses.replace(cfg, lr=1.0).layers == (1, 3)  # a copy keeps the list
 
 
+def test_a_listed_layer_below_the_inject_layer_is_refused_and_a_range_is_a_list():
+    """The loss reads layers inject_layer and deeper: listing a layer above the
+    offsets is a mistake (a count below inject_layer is the published mid replay)."""
+    with pytest.raises(ValueError, match=r"'layers' lists \[0\] below 'inject_layer' \(2\)"):
+        ar.ReplayConfig(layers=[0, 3], inject_layer=2)
+    assert ar.ReplayConfig(layers=16, inject_layer=15).replay_layers == tuple(range(16))
+    assert ar.ReplayConfig(layers=[2, 3], inject_layer=2).replay_layers == (2, 3)
+    assert ar.ReplayConfig(layers=range(3)).layers == 3 and ar.ReplayConfig(layers=range(1, 4)).layers == (1, 2, 3)
+
+
 def test_list_constraints_name_the_field():
     with pytest.raises(ValueError, match=r"'inject_layer' must be an int in \[0, 4\)"):
         ar.ReplayConfig(layers=[1, 3], inject_layer=4)

@@ -226,3 +226,9 @@ def test_the_demo_takes_the_replay_options_instead_of_ignoring_them(tmp_path):
     assert cfg_of("--optimizer", "lbfgs").step_size == 0.05  # the default's lr is sgd's
     with pytest.raises(passk.UsageError, match="'steps' must be an int >= 1"):
         cfg_of("--steps", "0")
+    with pytest.raises(passk.UsageError, match="--preset deepeyes-7b: --demo replays its tiny pair with its own"):
+        cfg_of("--preset", "deepeyes-7b")  # once ignored silently
+    with pytest.raises(passk.UsageError, match=r"--tol -1.0: ReplayConfig: 'tol' must be >= 0"):
+        cfg_of("--tol", "-1")  # the option as given, not a dict
+    with pytest.raises(ValueError, match=r"config.layers = 9 exceeds the 4 decoder layers"):
+        cfg_of("--layers", "9")  # before the tiny pair is built, not after the run starts

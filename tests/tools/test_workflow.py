@@ -153,6 +153,10 @@ def test_passk_and_analyze_check_rows_before_loading(ckpt, capsys, no_weights, t
                                                                   "--k", "3"])
     (tmp_path / "file").write_text("")
     assert "--out: " in error_of(capsys, ["--quiet", "passk", "--demo", "--out", str(tmp_path / "file")])
+    rows.write_text(json.dumps({"question": "q", "image": ckpt["image"], "answer": "1"}) + "\n")
+    assert "--save-offsets: --preset deepeyes-7b is a direct substitution (mode='direct'), which learns no " \
+        "offsets" in error_of(capsys, ["--quiet", "passk", *common, "--preset", "deepeyes-7b", "--save-offsets",
+                                       str(tmp_path / "offsets")])
 
 
 def test_targets_bring_their_layers_and_refuse_a_conflicting_override(ckpt, capsys, tmp_path):
