@@ -196,17 +196,37 @@ def _differences(old: Dict, new: Dict, prefix: str = "") -> List[str]:
     return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)]
 
 
-def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[str, str]) -> List[Dict]:
-    """The records in `out` that this run can reuse; a UsageError when `out`
-    holds another run's records or a row changed since its records were made."""
+def _with_replay_defaults(settings: Dict) -> Dict:
+    """An older version's settings with the replay fields it did not record yet
+    (optimizer, tol, compile, ...) at their defaults: the same run, if the rest agrees."""
+    from .config import ReplayConfig
+
+    replay = settings.get("replay") if isinstance(settings, dict) else None
+    if not isinstance(replay, dict):
+        return settings
+    try:
+        return {**settings, "replay": ReplayConfig(**replay).as_dict()}
+    except (TypeError, ValueError):  # a field this version does not know, or a value it refuses: not the same run
+        return settings
+
+
+def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[str, str]):
+    """(the run's fingerprint, the records in `out` that this run can reuse); a
+    UsageError when `out` holds another run's records or a row changed since
+    its records were made. A run.json of an older version that recorded fewer
+    replay fields is the same run when its settings agree with those fields at
+    their defaults: the run keeps its fingerprint."""
     records = read_records(out)
     run_file = os.path.join(out, "run.json")
     fp = fingerprint(settings)
     if os.path.exists(run_file):
         with open(run_file) as f:
             old = json.load(f)
-        if old.get("fingerprint") != fp:
-            diff = "; ".join(_differences(old.get("settings", {}), settings)[:6]) or "the settings' fingerprint"
+        upgraded = _with_replay_defaults(old.get("settings", {}))
+        if old.get("fingerprint") != fp and fingerprint(upgraded) == fp:
+            fp = old["fingerprint"]
+        elif old.get("fingerprint") != fp:
+            diff = "; ".join(_differences(upgraded, settings)[:6]) or "the settings' fingerprint"
             raise UsageError(f"--out {out} holds a Pass@K run with other settings ({diff}); give another --out, "
                              "or delete that directory to start over")
     elif records:
@@ -220,7 +240,7 @@ def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[st
         if r["id"] in hashes and r.get("row_hash") != hashes[r["id"]]:
             raise UsageError(f"--data: row {r['id']!r} changed since its records in {out} were made "
                              "(its text, answer or files differ); give another --out")
-    return records
+    return fp, records
 
 
 # ---------------------------------------------------------------- the numbers
@@ -367,8 +387,8 @@ def evaluate(args) -> int:
     t_start = time.perf_counter()
     rows, cfg, settings = validate(args)
     hashes = {r.id: row_hash(r) for r in rows}
-    fp = fingerprint(settings)
-    done = {(r["id"], r["mode"]) for r in check_resume(args.out, settings, rows, hashes)}
+    fp, resumed = check_resume(args.out, settings, rows, hashes)
+    done = {(r["id"], r["mode"]) for r in resumed}
     rank, world, device = init_distributed()
     if rank == 0 and not os.path.exists(os.path.join(args.out, "run.json")):
         console.write_json(os.path.join(args.out, "run.json"), {"fingerprint": fp, "settings": settings})

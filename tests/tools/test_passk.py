@@ -104,6 +104,32 @@ def test_resume_skips_finished_rows_and_redoes_the_rest(two_ranks, tmp_path):
     assert (resumed / "records.rank0.jsonl").read_text() == before  # nothing left to do
 
 
+def test_an_older_versions_run_resumes_when_its_settings_agree(two_ranks, tmp_path):
+    """A run.json from before optimizer/tol/compile were recorded (its
+    fingerprint over fewer fields) is the same run at those fields' defaults: it
+    resumes, keeps its fingerprint and redoes nothing; with another lr it refuses."""
+    out, _ = two_ranks
+    old = tmp_path / "old"
+    old.mkdir()
+    run = json.loads((out / "run.json").read_text())
+    for field in ("optimizer", "tol", "compile"):
+        del run["settings"]["replay"][field]
+    run["fingerprint"] = passk.fingerprint(run["settings"])
+    (old / "run.json").write_text(json.dumps(run))
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (out / f"records.rank{rank}.jsonl").read_text().splitlines()]
+        (old / f"records.rank{rank}.jsonl").write_text("".join(json.dumps({**r, "run": run["fingerprint"]}) + "\n"
+                                                               for r in lines))
+    before = [(old / f"records.rank{rank}.jsonl").read_text() for rank in (0, 1)]
+    flat = [x for k, v in FIRST_RUN.items() for x in [k, *v]]
+    launch(["--demo", "--quiet", "--out", str(old), *flat])
+    assert [(old / f"records.rank{rank}.jsonl").read_text() for rank in (0, 1)] == before  # nothing redone
+    a, b = (json.loads((d / "results.json").read_text()) for d in (old, out))
+    assert a["fingerprint"] == run["fingerprint"] and a["replay"] == b["replay"] and a["baseline"] == b["baseline"]
+    proc = launch(["--demo", "--quiet", "--out", str(old), *flat, "--lr", "0.01"], check=False)
+    assert proc.returncode == 2 and "replay.lr: 0.005 there, 0.01 now" in proc.stderr
+
+
 FIRST_RUN = {"--samples": ["4"], "--k": ["1", "2", "4"], "--top-p": ["0.95"], "--max-new-tokens": ["6"],
              "--seed": ["3"]}
 
