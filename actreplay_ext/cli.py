@@ -211,15 +211,8 @@ def _summary(cfg, result, n_vis: int, texts) -> str:
         return (f"no-op replay: none of the {n_vis} visual tokens was selected in layers {_layers_text(cfg)} "
                 f"(loss {losses[0]:.4g} throughout), so the offsets are zero: {same}")
     return (f"replay: {n_vis} visual tokens, selected {' '.join(map(str, _per_replay_layer(cfg, result.selected)))} "
-            f"in layers {_layers_text(cfg)}; loss {loss_change(cfg, losses)} ({result.timings['loop']:.2f} s): {same}")
-
-
-def loss_change(cfg, losses) -> str:
-    """'first -> last over n steps' (sgd, the published loop), or first -> the
-    best for an optimizer that returns its best point (lbfgs)."""
-    if cfg.optimizer == "sgd":
-        return f"{losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
-    return f"{losses[0]:.4g} -> {min(losses):.4g} (the best of {len(losses)} evaluations, returned)"
+            f"in layers {_layers_text(cfg)}; loss {console.loss_change(cfg, losses)} "
+            f"({result.timings['loop']:.2f} s): {same}")
 
 
 def _per_replay_layer(cfg, selected):

@@ -81,7 +81,7 @@ def replay_config(args, defaults=None, **overrides):
     """The preset named by --preset (or the settings `defaults`, e.g. a demo's) with
     --layers/--lr/--steps/--optimizer/--tol (and `overrides`) on top; a bad
     combination is a UsageError naming the options."""
-    from .config import PRESETS, ReplayConfig
+    from .config import ReplayConfig
 
     given = {k: getattr(args, k) for k in REPLAY_OPTIONS if getattr(args, k, None) is not None}
     given.update(overrides)
@@ -93,18 +93,33 @@ def replay_config(args, defaults=None, **overrides):
             return ReplayConfig(**{**settings, **given})
         except ValueError as e:
             raise UsageError(f"{as_options(given)}: {e}") from None
-    thresholds = PRESETS[args.preset].get("thresholds")
-    layers = given.get("layers")
-    if thresholds is not None and layers is not None:  # direct presets: one threshold per layer
-        wanted = range(layers) if isinstance(layers, int) else layers
-        if any(not 0 <= l < len(thresholds) for l in wanted):
-            raise UsageError(f"--layers {layers}: preset {args.preset!r} has thresholds for layers "
-                             f"0..{len(thresholds) - 1} only")
-        given["thresholds"] = [thresholds[l] for l in wanted]
     try:
-        return ReplayConfig.preset(args.preset, **given)
+        return preset_with(args.preset, given)
     except ValueError as e:
         raise UsageError(f"--preset {args.preset} {as_options(given)}: {e}".replace("  ", " ")) from None
+
+
+def preset_with(preset: str, given: dict):
+    """ReplayConfig.preset(preset) with the fields `given` on top; a direct
+    substitution preset keeps its threshold of each layer `given` names."""
+    from .config import PRESETS, ReplayConfig
+
+    thresholds = PRESETS[preset].get("thresholds") if preset in PRESETS else None
+    layers = given.get("layers")
+    if thresholds is not None and layers is not None and "thresholds" not in given:
+        wanted = range(layers) if isinstance(layers, int) else layers
+        if any(not isinstance(l, int) or not 0 <= l < len(thresholds) for l in wanted):
+            raise ValueError(f"preset {preset!r} has thresholds for layers 0..{len(thresholds) - 1} only")
+        given = {**given, "thresholds": [thresholds[l] for l in wanted]}
+    return ReplayConfig.preset(preset, **given)
+
+
+def loss_change(cfg, losses) -> str:
+    """'first -> last over n steps' (sgd, the published loop), or first -> the
+    best for an optimizer that returns its best point (lbfgs)."""
+    if cfg.optimizer == "sgd":
+        return f"{losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} steps"
+    return f"{losses[0]:.4g} -> {min(losses):.4g} (the best of {len(losses)} evaluations, returned)"
 
 
 def as_options(given: dict) -> str:

@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["Row", "read_jsonl", "encode", "decode_video", "load_model", "load_processor", "question_text", "decode_new",
-           "input_device", "synthetic_rows"]
+__all__ = ["Row", "read_jsonl", "encode", "encode_batch", "decode_video", "load_model", "load_processor",
+           "question_text", "decode_new", "input_device", "synthetic_rows"]
 
 
 @dataclasses.dataclass
@@ -165,17 +165,35 @@ def _frames(video):
 def encode(processor, row: Row, device=None) -> Dict[str, torch.Tensor]:
     """The model inputs of one row: the chat template with one image/video
     placeholder per item, then the processor."""
-    content: List[Dict] = [{"type": "image"} for _ in row.images]
-    if row.video is not None:
-        content.append({"type": "video"})
-    content.append({"type": "text", "text": question_text(row)})
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return encode_batch(processor, [row], device)
+
+
+def encode_batch(processor, rows: List[Row], device=None) -> Dict[str, torch.Tensor]:
+    """The model inputs of several rows as one left-padded batch (each row's
+    images and video in its own place), as `encode` makes them for one."""
+    texts, images, videos = [], [], []
+    for row in rows:
+        content: List[Dict] = [{"type": "image"} for _ in row.images]
+        if row.video is not None:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": question_text(row)})
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True))
+        images += [_image(p) for p in row.images]
+        if row.video is not None:
+            videos.append(_frames(row.video))
     kwargs = {}
-    if row.images:
-        kwargs["images"] = [_image(p) for p in row.images]
-    if row.video is not None:
-        kwargs["videos"] = [_frames(row.video)]
-    enc = processor(text=[text], return_tensors="pt", **kwargs)
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generate continues each row from its last token
+    try:
+        enc = processor(text=texts, return_tensors="pt", padding=len(rows) > 1, **kwargs)
+    finally:
+        tokenizer.padding_side = side
     return {k: v.to(device) if device is not None and isinstance(v, torch.Tensor) else v for k, v in enc.items()}
 
 
