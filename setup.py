@@ -161,6 +161,8 @@ def _extras():
         "analyze": analyze,
         "video": video,
         "test": ["pytest>=7", "hypothesis>=6", "accelerate", "ruff>=0.17,<0.18", *analyze, *video],
+        # lmms-eval 0.7.3 fails inside simple_evaluate with filelock >= 4.3 (no filelock._api) and still exits 0
+        "lmms": ["lmms-eval==0.7.3", "filelock<4.3", "accelerate", *video],
         "flash": ["flash-attn>=2.6"],
     }
 

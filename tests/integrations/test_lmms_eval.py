@@ -1,0 +1,281 @@
+"""The lmms-eval model `actreplay` (the `lmms` extra): a local task evaluated
+end to end through `python -m lmms_eval` on tiny checkpoints saved to disk,
+with and without the replay in one run and data parallel over two processes;
+and `generate_until` called directly on hand-made requests (two images, a
+video, a batch). lmms-eval 0.7 exits 0 even when its evaluation fails, so
+every end-to-end test reads the results file, never the exit code alone."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval", reason="the lmms extra: pip install 'actreplay_ext[lmms]'")
+pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
+
+import actreplay_ext as ar
+from actreplay_ext import data, tiny
+from actreplay_ext.console import UsageError
+from actreplay_ext.integrations import lmms_eval as plugin
+
+TASK_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_task")
+TASK, BASELINE = "actreplay_tiny_vqa", "actreplay_tiny_vqa_baseline"
+REPLAY = dict(layers=3, lr=0.005, steps=5)  # the tiny pair's settings (the demo's)
+# offline: no download-count pings; PYTHONSAFEPATH: import the installed package, not the source tree
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms_pair")
+    return tiny.save_pair(str(root))
+
+
+class Here:
+    """The pair loaded in this process: what plain HF generation and
+    actreplay_ext.patch answer, to compare with what lmms-eval recorded."""
+
+    def __init__(self, pair):
+        base_path, rlvr_path = pair
+        self.base = data.load_model(base_path, dtype="float32", device_map=None)
+        self.rlvr = data.load_model(rlvr_path, dtype="float32", device_map=None)
+        self.processor = data.load_processor(rlvr_path)
+
+    def answer(self, question, images, replay: bool) -> str:
+        inputs = data.encode(self.processor, data.Row(id="x", question=question, images=images))
+        greedy = dict(max_new_tokens=4, do_sample=False)
+        if replay:
+            with ar.patch(self.rlvr, base=self.base, config=ar.ReplayConfig.preset("mm-eureka-7b", **REPLAY)):
+                out = self.rlvr.generate(**inputs, **greedy)
+        else:
+            out = self.rlvr.generate(**inputs, **greedy)
+        return data.decode_new(self.processor, out, inputs["input_ids"].shape[1])[0]
+
+
+@pytest.fixture(scope="module")
+def task_dir(pair, tmp_path_factory):
+    """The task's YAML and utils copied beside 4 generated docs (1 or 2 noise
+    images each). Docs 0 and 1 are answered by what the RLVR model says alone,
+    2 and 3 by what it says with the replay (as generated here), so the two
+    scores are known: each doc's record says both answers."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("lmms_task")
+    shutil.copytree(TASK_FILES, root, dirs_exist_ok=True)
+    here = Here(pair)
+    rng = torch.Generator().manual_seed(0)
+    docs = []
+    for i in range(4):
+        images = []
+        for j in range(1 + i % 2):
+            name = f"doc{i}_{j}.png"
+            pixels = (torch.rand(28 * (2 + j), 28 * (3 - j), 3, generator=rng) * 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / name)
+            images.append(name)
+        question = f"what is shown in picture {i}"
+        paths = [str(root / n) for n in images]
+        said = {mode: here.answer(question, paths, replay=mode == "replay") for mode in ("baseline", "replay")}
+        docs.append({"id": i, "question": question, "images": images, "said": said,
+                     "answer": said["baseline" if i < 2 else "replay"]})
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return root, docs
+
+
+def model_args(pair, **extra):
+    base, rlvr = pair
+    args = {"base": base, "rlvr": rlvr, **REPLAY, **extra}
+    return ",".join(f"{k}={v}" for k, v in args.items())
+
+
+def evaluate(task_dir, out, args, tasks=(TASK, BASELINE), nproc=None):
+    """One `python -m lmms_eval` run; its results file (and samples) read back."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc else [sys.executable]
+    cmd = launcher + ["-m", "lmms_eval", "--model", "actreplay", "--model_args", args, "--tasks", ",".join(tasks),
+                      "--include_path", str(task_dir), "--batch_size", "1", "--output_path", str(out),
+                      "--log_samples", "--timezone", "UTC"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=str(out.parent))
+    found = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
+    assert proc.returncode == 0 and len(found) == 1, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(found[0]) as f:
+        results = json.load(f)
+    samples = {}
+    for task in tasks:
+        (path,) = glob.glob(str(out / "**" / f"*_samples_{task}.jsonl"), recursive=True)
+        with open(path) as f:
+            samples[task] = {s["doc_id"]: s for s in map(json.loads, f)}
+    return results, samples
+
+
+def answer_of(sample) -> str:
+    resp = sample["filtered_resps"]
+    return resp[0] if isinstance(resp, list) else resp
+
+
+@pytest.fixture(scope="module")
+def one_run(pair, task_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms_run")
+    offsets = root / "offsets"
+    results, samples = evaluate(task_dir[0], root / "out", model_args(pair, save_offsets=offsets))
+    return results, samples, offsets
+
+
+def test_one_run_scores_the_replay_and_the_baseline(one_run, task_dir):
+    results, samples, offsets = one_run
+    _, docs = task_dir
+    # what lmms-eval recorded is what this process generates, without and with the replay
+    for task, mode in ((BASELINE, "baseline"), (TASK, "replay")):
+        assert {d: answer_of(s) for d, s in samples[task].items()} == {i: doc["said"][mode]
+                                                                       for i, doc in enumerate(docs)}, mode
+        expected = sum(doc["said"][mode] == doc["answer"] for doc in docs) / 4
+        assert results["results"][task]["exact_match,none"] == pytest.approx(expected) and expected >= 0.5
+        assert results["n-samples"][task]["effective"] == 4
+    assert any(doc["said"]["baseline"] != doc["said"]["replay"] for doc in docs)  # the replay changed answers
+    # the replay ran on every request of the replay task, and only there
+    log = [json.loads(line) for line in (offsets / "replay.rank0.jsonl").read_text().splitlines()]
+    replayed = {e["doc_id"]: e for e in log if e["task"] == TASK}
+    assert sorted(replayed) == [0, 1, 2, 3] and all(e["replay"] for e in replayed.values())
+    for e in replayed.values():
+        assert len(e["losses"]) == REPLAY["steps"] and sum(e["selected"]) > 0 and min(e["losses"]) < e["losses"][0]
+        assert ar.ReplayResult.load(e["offsets"]).losses == e["losses"]
+    baseline = [e for e in log if e["task"] == BASELINE]
+    assert len(baseline) == 4 and all(not e["replay"] and "losses" not in e for e in baseline)
+
+
+def test_data_parallel_over_two_processes_gives_the_same_scores(one_run, pair, task_dir, tmp_path):
+    results, samples, _ = one_run
+    offsets = tmp_path / "offsets"
+    dp_results, dp_samples = evaluate(task_dir[0], tmp_path / "out", model_args(pair, save_offsets=offsets), nproc=2)
+    for task in (TASK, BASELINE):
+        assert dp_results["results"][task]["exact_match,none"] == results["results"][task]["exact_match,none"]
+        assert {d: answer_of(s) for d, s in dp_samples[task].items()} == \
+            {d: answer_of(s) for d, s in samples[task].items()}
+    ranks = {r: [json.loads(line)["doc_id"] for line in (offsets / f"replay.rank{r}.jsonl").read_text().splitlines()
+                 if json.loads(line)["task"] == TASK] for r in (0, 1)}
+    assert sorted(ranks[0] + ranks[1]) == [0, 1, 2, 3] and ranks[0] and ranks[1]  # both ranks replayed
+
+
+# ------------------------------------------------- generate_until called directly
+
+
+def request(doc_id, context, gen_kwargs, task="hand_made", split="test"):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(request_type="generate_until", idx=0,
+                    arguments=(context, gen_kwargs, lambda doc: doc["visuals"], doc_id, task, split),
+                    metadata={"task": task, "doc_id": doc_id, "repeats": 1, "split": split})
+
+
+def _write_video(path):
+    av = pytest.importorskip("av", reason="the video extra (PyAV) decodes video files")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=2)
+        stream.height, stream.width = 56, 56
+        stream.pix_fmt = "yuv420p"
+        for _ in range(4):
+            frame = av.VideoFrame.from_ndarray((rng.random((56, 56, 3)) * 255).astype("uint8"), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def direct_model(pair):
+    return plugin.ActReplay(batch_size=2, **dict(zip(("base", "rlvr"), pair)), **REPLAY, device="cpu")
+
+
+def test_generate_until_takes_two_images_a_video_and_batches(direct_model, task_dir, tmp_path):
+    from PIL import Image
+
+    model, task_dir = direct_model, task_dir[0]
+    images = [Image.open(task_dir / "doc1_0.png"), Image.open(task_dir / "doc1_1.png")]
+    video = tmp_path / "clip.mp4"
+    _write_video(video)
+    docs = [{"visuals": images}, {"visuals": [str(video)]}, {"visuals": [images[0]]}]
+    model.task_dict = {"hand_made": {"test": docs}}
+    greedy = {"max_new_tokens": 4, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    requests = [request(0, "<image><image> compare the pictures", greedy),
+                request(1, "what happens in the video", greedy),
+                request(2, "describe <image>", {**greedy, "replay": False})]
+    model.results.clear()
+    answers = model.generate_until(requests)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    by_doc = {e["doc_id"]: e for e in model.results}
+    assert by_doc[0]["replay"] and by_doc[1]["replay"] and not by_doc[2]["replay"]
+    assert by_doc[0]["n_visual"] == by_doc[1]["n_visual"] and len(by_doc[0]["n_visual"]) == 2  # one batch of 2
+    assert by_doc[0]["batch_row"] == 0 and by_doc[1]["batch_row"] == 1
+    n_image = sum(plugin.data.encode(model.processor, data.Row("i", "q", images=images))["image_grid_thw"]
+                  .prod(-1).div(4).long().tolist())
+    assert by_doc[0]["n_visual"][0] == n_image  # both images reached the prompt
+    # each answer is what that request alone gives: batching does not change it
+    for i, req in enumerate(requests):
+        assert model.generate_until([req]) == [answers[i]], i
+    # the baseline request is plain HF generation on the same prompt
+    rlvr = model.model
+    row = data.Row("x", "describe", images=[images[0]])
+    inputs = data.encode(model.processor, row)
+    plain = data.decode_new(model.processor, rlvr.generate(**inputs, max_new_tokens=4, do_sample=False),
+                            inputs["input_ids"].shape[1])[0]
+    assert answers[2] == plain
+
+
+def test_generation_kwargs_are_honoured():
+    gen, until, replay = plugin.generation_kwargs({"max_new_tokens": 7, "temperature": 0.7, "top_p": 0.9,
+                                                   "until": "###", "do_sample": False}, True)
+    assert gen == {"max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    assert until == ["###"] and replay is True
+    gen, until, replay = plugin.generation_kwargs({"temperature": 0, "num_beams": 2, "replay": "false"}, True)
+    assert gen == {"max_new_tokens": plugin.DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "num_beams": 2}
+    assert until == [] and replay is False
+    assert plugin._cut("four\n\nfive###six", ["###", "\n\n"]) == "four"
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(lr=0.01, layrs=3), "'layrs' is not an argument of this model"),
+    (dict(base=None), "'base' is required to replay"),
+    (dict(rlvr=None), "'rlvr' is required"),
+    (dict(layers=9), "config.layers = 9 exceeds the 4 decoder layers"),
+    (dict(layers="[0,9]"), r"config.layers = \(0, 9\) exceeds the 4 decoder layers"),
+    (dict(optimizer="adam"), "'optimizer' must be one of"),
+    (dict(preset="mm-eureka"), "'preset' must be one of"),
+    (dict(replay="maybe"), "'replay' must be true or false"),
+    (dict(base="/nonexistent/base"), "base: '/nonexistent/base' not found"),
+    (dict(preset="deepeyes-7b", save_offsets="/tmp/x"), "'save_offsets' has nothing to save"),
+    (dict(batch_size=0), "'batch_size' must be an int >= 1"),
+])
+def test_bad_model_args_fail_by_name_before_any_weight_loads(pair, monkeypatch, args, message):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(plugin.data, "load_model", refuse)
+    given = {**dict(zip(("base", "rlvr"), pair)), **REPLAY, **args}
+    given = {k: v for k, v in given.items() if v is not None}
+    with pytest.raises((UsageError, ValueError), match=message):
+        plugin.ActReplay(**given)
+
+
+def test_model_args_as_lmms_eval_parses_them(pair):
+    """lmms-eval turns '-1' into -1.0 and leaves 'None' and lists as text."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    parsed = simple_parse_args_string("rlvr=r,base=b,layers=[1,3],steps=4.0,tol=None,normalize=false,lr=0.01")
+    load, cfg = plugin.parse_model_args(parsed)
+    assert cfg.layers == (1, 3) and cfg.steps == 4 and cfg.tol is None and cfg.normalize is False
+    assert cfg.step_size == 0.01 and load["replay"] is True and load["preset"] == "mm-eureka-7b"
+    _, cfg = plugin.parse_model_args(simple_parse_args_string("rlvr=r,base=b,optimizer=lbfgs"))
+    assert cfg.step_size == ar.config.DEFAULT_LR["lbfgs"]  # the preset's lr is sgd's
+
+
+def test_loglikelihood_says_it_is_unsupported(direct_model):
+    with pytest.raises(NotImplementedError, match="loglikelihood is not supported"):
+        direct_model.loglikelihood([request(0, "q", {})])
