@@ -25,9 +25,10 @@ its results file.
 `generate_until` takes images (PIL images or paths), several per request, and
 one video (a file path, as lmms-eval's video tasks give it, decoded by
 `actreplay_ext.data.decode_video`); the task's generation kwargs
-(``max_new_tokens``, default 128; ``temperature`` > 0 or ``do_sample`` samples,
-else greedy; ``top_p``, ``num_beams``; ``until`` cuts the answer at the first
-stop string); requests with the same generation kwargs are batched
+(as lmms-eval's qwen2_5_vl reads them: ``max_new_tokens``, default the model
+arg ``max_new_tokens`` or 32768; ``temperature`` > 0 samples, with ``top_p``,
+else greedy; ``num_beams``; ``until`` cuts the answer at the first stop string,
+except the "\n\n" lmms-eval adds to every task); requests with the same generation kwargs are batched
 ``batch_size`` at a time. `loglikelihood` is not supported: the replay is defined on
 generation (SPEC §3), so multiple-choice-by-likelihood tasks raise.
 Data parallel under ``accelerate launch``/``torchrun`` works as lmms-eval's HF
@@ -41,6 +42,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -63,9 +65,11 @@ log = logging.getLogger("actreplay_ext")
 _REPLAY_FIELDS = {f.name: f for f in dataclasses.fields(ReplayConfig) if f.name != "callback"}
 _LOAD_ARGS = {"rlvr": None, "base": None, "processor": None, "min_pixels": None, "max_pixels": None,
               "dtype": None, "device_map": None, "attn": "sdpa", "preset": "mm-eureka-7b", "replay": True,
-              "save_offsets": None}
+              "save_offsets": None, "max_new_tokens": None}
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+DTYPES = ("bfloat16", "float16", "float32")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
-DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_MAX_NEW_TOKENS = 32768  # as lmms-eval's qwen2_5_vl, for a task that sets none: reasoning runs long
 
 
 def _bad(name: str, problem: str) -> UsageError:
@@ -111,7 +115,9 @@ def parse_model_args(kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], ReplayConf
     if unknown:
         raise _bad(unknown[0], f"is not an argument of this model; valid: {', '.join(sorted(_LOAD_ARGS))} and the "
                                f"ReplayConfig fields {', '.join(_REPLAY_FIELDS)}")
-    load = {**_LOAD_ARGS, **{k: v for k, v in kwargs.items() if k in _LOAD_ARGS}}
+    given = {k: None if isinstance(v, str) and v.strip().lower() in ("none", "null") else v  # lmms-eval keeps 'None'
+             for k, v in kwargs.items() if k in _LOAD_ARGS}
+    load = {**_LOAD_ARGS, **{k: v for k, v in given.items() if v is not None}}
     load["replay"] = _as_bool("replay", load["replay"])
     if load["preset"] not in PRESETS:
         raise _bad("preset", f"must be one of {', '.join(sorted(PRESETS))}, got {load['preset']!r}")
@@ -119,10 +125,20 @@ def parse_model_args(kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], ReplayConf
         raise _bad("rlvr", "is required: the RLVR checkpoint (a directory or a hub id)")
     if load["replay"] and not isinstance(load["base"], str):
         raise _bad("base", "is required to replay: the base checkpoint (or give replay=false for the baseline)")
-    for name in ("min_pixels", "max_pixels"):
+    for name in ("min_pixels", "max_pixels", "max_new_tokens"):
         if load[name] is not None and (isinstance(load[name], bool) or not isinstance(load[name], (int, float))
-                                       or load[name] <= 0):
-            raise _bad(name, f"must be a positive number of pixels, got {load[name]!r}")
+                                       or load[name] <= 0 or load[name] != int(load[name])):
+            raise _bad(name, f"must be a positive int, got {load[name]!r}")
+    if load["min_pixels"] and load["max_pixels"] and load["min_pixels"] > load["max_pixels"]:
+        raise _bad("min_pixels", f"({load['min_pixels']}) must be at most max_pixels ({load['max_pixels']})")
+    if load["attn"] not in ATTENTION:
+        raise _bad("attn", f"must be one of {', '.join(ATTENTION)}, got {load['attn']!r}")
+    if load["dtype"] is not None and load["dtype"] not in DTYPES:
+        raise _bad("dtype", f"must be one of {', '.join(DTYPES)}, got {load['dtype']!r}")
+    hub_id = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    if load["processor"] is not None and not os.path.isdir(load["processor"]) and (
+            os.path.exists(load["processor"]) or not hub_id.match(load["processor"])):
+        raise _bad("processor", f"{load['processor']!r} is not a directory (or a hub id)")
     overrides = {k: _replay_value(k, v) for k, v in kwargs.items() if k in _REPLAY_FIELDS}
     try:
         cfg = preset_with(load["preset"], overrides)
@@ -149,14 +165,15 @@ class ActReplay(lmms):
         if self._batch_size < 1:
             raise _bad("batch_size", f"must be an int >= 1, got {batch_size!r}")
         self.replay = load["replay"]
+        self.max_new_tokens = int(load["max_new_tokens"] or DEFAULT_MAX_NEW_TOKENS)
+        configs = {"rlvr": checks.checkpoint_config(load["rlvr"], "rlvr")}
+        if self.replay:  # replay=false: the RLVR model alone, whatever the replay configuration says
+            configs["base"] = checks.checkpoint_config(load["base"], "base")
+            checks.check_pair_configs(configs["base"], configs["rlvr"], self.config)  # before any weight loads
+        self._device, device_map = self._placement(device, load["device_map"])
         self.save_offsets = load["save_offsets"]
         if self.save_offsets:
-            checks.output_dir(self.save_offsets, "save_offsets")
-        configs = {"rlvr": checks.checkpoint_config(load["rlvr"], "rlvr")}
-        if load["base"]:
-            configs["base"] = checks.checkpoint_config(load["base"], "base")
-        checks.check_pair_configs(configs.get("base"), configs["rlvr"], self.config)  # before any weight loads
-        self._device, device_map = self._placement(device, load["device_map"])
+            self._claim_save_offsets()
         dtype = load["dtype"] or ("bfloat16" if self._device.type == "cuda" else "float32")
         kw = dict(dtype=dtype, device_map=device_map, attn=load["attn"])
         self._rlvr = data.load_model(load["rlvr"], **kw)
@@ -164,6 +181,15 @@ class ActReplay(lmms):
         pixels = {k: int(load[k]) for k in ("min_pixels", "max_pixels") if load[k] is not None}
         self.processor = _load_processor(load["processor"] or load["rlvr"], pixels)
         self.results: List[Dict] = []  # one entry per request: what the replay did
+
+    def _claim_save_offsets(self) -> None:
+        """save_offsets is this run's: a rank's log from an earlier run there would
+        sit beside files this run overwrites (each rank checks its own)."""
+        checks.output_dir(self.save_offsets, "save_offsets")
+        mine = os.path.join(self.save_offsets, f"replay.rank{self.rank}.jsonl")
+        if os.path.exists(mine):
+            raise _bad("save_offsets", f"{self.save_offsets!r} holds {os.path.basename(mine)} of an earlier run; "
+                                       "give another directory (or empty it)")
 
     @property
     def batch_size(self) -> int:
@@ -207,8 +233,9 @@ class ActReplay(lmms):
     def generate_until(self, requests: List[Instance]) -> List[str]:
         answers: List[Optional[str]] = [None] * len(requests)
         groups: Dict[str, List[int]] = {}
-        for i, request in enumerate(requests):  # one batch holds one set of generation kwargs
-            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        for i, request in enumerate(requests):  # one batch: one task, one split, one set of generation kwargs
+            key = json.dumps([request.args[4], request.args[5], request.args[1]], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(i)
         for indices in groups.values():
             for start in range(0, len(indices), self._batch_size):
                 chunk = indices[start:start + self._batch_size]
@@ -220,7 +247,7 @@ class ActReplay(lmms):
         import actreplay_ext as ar
 
         rows = [self._row(request) for request in requests]
-        gen, until, replay = generation_kwargs(requests[0].args[1], self.replay)
+        gen, until, replay = generation_kwargs(requests[0].args[1], self.replay, self.max_new_tokens)
         inputs = data.encode_batch(self.processor, rows, data.input_device(self._rlvr))
         if replay and self._base is None:
             raise _bad("replay", "is false, so no base model was loaded, and a task asks for the replay "
@@ -239,8 +266,12 @@ class ActReplay(lmms):
     def _row(self, request: Instance) -> data.Row:
         context, _, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        if visuals is None or isinstance(visuals, (str, dict)) or hasattr(visuals, "convert"):
+            visuals = [] if visuals is None else [visuals]  # one visual, not in a list
         images, videos = [], []
-        for v in visuals or []:
+        for v in visuals:
+            if v is None:
+                continue
             if isinstance(v, str) and (v.lower().endswith(VIDEO_SUFFIXES) or os.path.isdir(v)):
                 videos.append(v)
             elif isinstance(v, str) or hasattr(v, "convert"):  # an image path or a PIL image
@@ -256,19 +287,27 @@ class ActReplay(lmms):
 
     def _record(self, requests: List[Instance], last, replay: bool) -> None:
         """What the replay did, per request: on the log, in `results`, and with
-        save_offsets in DIR (the generate call's ReplayResult, a JSONL line each)."""
+        save_offsets in DIR (the generate call's ReplayResult, a JSONL line each).
+        A batch's losses and selected counts are the batch's (summed over its
+        rows: `batch_losses`, `batch_selected`); `n_visual` is the request's own.
+        The copies lmms-eval adds to even out the ranks are not recorded."""
         path = None
+        task, split = requests[0].args[4], requests[0].args[5]
         if last is not None and self.save_offsets:
-            first, final = requests[0].args[3], requests[-1].args[3]
-            name = f"{requests[0].args[4]}-{first}" + (f"-{final}" if len(requests) > 1 else "")
+            ids = [str(r.args[3]) for r in requests]
+            name = f"{task}-{split}-{ids[0]}" + (f"-{ids[-1]}" if len(ids) > 1 else "") + f".rank{self.rank}"
             path = os.path.join(self.save_offsets, name.replace("/", "_") + ".safetensors")
             last.save(path)
         for row, request in enumerate(requests):
-            entry = {"task": request.args[4], "doc_id": request.args[3], "replay": replay}
+            if (request.metadata or {}).get("__padding_only__"):
+                continue
+            entry = {"task": task, "split": split, "doc_id": request.args[3], "replay": replay}
             if last is not None:
-                entry.update(losses=list(last.losses), selected=list(last.selected), n_visual=list(last.n_visual),
-                             note=last.note, batch_row=row, offsets=path)
-                log.info("actreplay: %s doc %s: %s", entry["task"], entry["doc_id"], _describe(last, self.config))
+                n_visual = list(last.n_visual)
+                entry.update(n_visual=n_visual[row] if row < len(n_visual) else 0, batch_rows=len(requests),
+                             batch_row=row, batch_losses=list(last.losses), batch_selected=list(last.selected),
+                             note=last.note, offsets=path)
+                log.info("actreplay: %s doc %s: %s", task, entry["doc_id"], _describe(last, self.config))
             self.results.append(entry)
             if self.save_offsets:
                 with open(os.path.join(self.save_offsets, f"replay.rank{self.rank}.jsonl"), "a") as f:
@@ -282,26 +321,37 @@ class ActReplay(lmms):
         raise NotImplementedError("actreplay: multi-round generation is not supported; evaluate generate_until tasks")
 
 
-def generation_kwargs(task_kwargs: Dict, replay_default: bool):
+_WARNED = set()
+
+
+def generation_kwargs(task_kwargs: Dict, replay_default: bool, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     """(HF generate kwargs, stop strings, whether to replay) from a task's
-    generation kwargs: temperature > 0 or do_sample=True samples, else greedy."""
+    generation kwargs, as lmms-eval's qwen2_5_vl reads them: temperature > 0
+    samples (with top_p), otherwise greedy whatever do_sample says; the "\n\n"
+    stop that lmms-eval adds to every task without one is dropped (it would cut
+    a reasoning answer at its first paragraph); max_new_tokens defaults to the
+    model arg (32768)."""
     kw = dict(task_kwargs or {})
     until = kw.pop("until", None)
     until = [until] if isinstance(until, str) else list(until or [])
+    until = [stop for stop in until if stop != "\n\n"]
     replay = _as_bool("generation kwarg replay", kw.pop("replay", replay_default))
     temperature = float(kw.pop("temperature", 0.0) or 0.0)
-    sample = _as_bool("generation kwarg do_sample", kw.pop("do_sample", False)) or temperature > 0
-    gen = {"max_new_tokens": int(kw.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)), "do_sample": sample}
+    kw.pop("do_sample", None)  # temperature decides, as in lmms-eval's qwen2_5_vl
+    tokens = kw.pop("max_new_tokens", None)
+    gen = {"max_new_tokens": int(tokens) if tokens is not None else max_new_tokens, "do_sample": temperature > 0}
     top_p = kw.pop("top_p", None)
-    if sample:
-        gen["temperature"] = temperature if temperature > 0 else 1.0
+    if temperature > 0:
+        gen["temperature"] = temperature
         if top_p is not None:
             gen["top_p"] = float(top_p)
     beams = kw.pop("num_beams", None)
     if beams is not None:
         gen["num_beams"] = int(beams)
-    if kw:
-        log.warning("actreplay: generation kwargs %s are not used", sorted(kw))
+    unused = tuple(sorted(kw))
+    if unused and unused not in _WARNED:
+        _WARNED.add(unused)
+        log.warning("actreplay: generation kwargs %s are not used", list(unused))
     return gen, until, replay
 
 

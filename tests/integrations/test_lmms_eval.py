@@ -93,13 +93,13 @@ def model_args(pair, **extra):
     return ",".join(f"{k}={v}" for k, v in args.items())
 
 
-def evaluate(task_dir, out, args, tasks=(TASK, BASELINE), nproc=None):
+def evaluate(task_dir, out, args, tasks=(TASK, BASELINE), nproc=None, extra=()):
     """One `python -m lmms_eval` run; its results file (and samples) read back."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc else [sys.executable]
     cmd = launcher + ["-m", "lmms_eval", "--model", "actreplay", "--model_args", args, "--tasks", ",".join(tasks),
                       "--include_path", str(task_dir), "--batch_size", "1", "--output_path", str(out),
-                      "--log_samples", "--timezone", "UTC"]
+                      "--log_samples", "--timezone", "UTC", *extra]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=str(out.parent))
     found = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
     assert proc.returncode == 0 and len(found) == 1, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -142,23 +142,28 @@ def test_one_run_scores_the_replay_and_the_baseline(one_run, task_dir):
     replayed = {e["doc_id"]: e for e in log if e["task"] == TASK}
     assert sorted(replayed) == [0, 1, 2, 3] and all(e["replay"] for e in replayed.values())
     for e in replayed.values():
-        assert len(e["losses"]) == REPLAY["steps"] and sum(e["selected"]) > 0 and min(e["losses"]) < e["losses"][0]
-        assert ar.ReplayResult.load(e["offsets"]).losses == e["losses"]
+        losses = e["batch_losses"]  # batch_size 1: the request's own
+        assert len(losses) == REPLAY["steps"] and sum(e["batch_selected"]) > 0 and min(losses) < losses[0]
+        assert ar.ReplayResult.load(e["offsets"]).losses == losses and e["n_visual"] > 0
     baseline = [e for e in log if e["task"] == BASELINE]
-    assert len(baseline) == 4 and all(not e["replay"] and "losses" not in e for e in baseline)
+    assert len(baseline) == 4 and all(not e["replay"] and "batch_losses" not in e for e in baseline)
 
 
-def test_data_parallel_over_two_processes_gives_the_same_scores(one_run, pair, task_dir, tmp_path):
-    results, samples, _ = one_run
+def test_data_parallel_over_two_processes_gives_the_same_answers(one_run, pair, task_dir, tmp_path):
+    """Two ranks, 3 docs: rank 1 gets doc 1 and lmms-eval's padding copy of it,
+    which is answered but not logged as a request."""
+    _, samples, _ = one_run
     offsets = tmp_path / "offsets"
-    dp_results, dp_samples = evaluate(task_dir[0], tmp_path / "out", model_args(pair, save_offsets=offsets), nproc=2)
+    dp_results, dp_samples = evaluate(task_dir[0], tmp_path / "out", model_args(pair, save_offsets=offsets), nproc=2,
+                                      extra=["--limit", "3"])
     for task in (TASK, BASELINE):
-        assert dp_results["results"][task]["exact_match,none"] == results["results"][task]["exact_match,none"]
-        assert {d: answer_of(s) for d, s in dp_samples[task].items()} == \
-            {d: answer_of(s) for d, s in samples[task].items()}
+        answers = {d: answer_of(s) for d, s in dp_samples[task].items()}
+        assert answers == {d: answer_of(s) for d, s in samples[task].items() if d < 3}
+        expected = sum(a == task_dir[1][d]["answer"] for d, a in answers.items()) / 3
+        assert dp_results["results"][task]["exact_match,none"] == pytest.approx(expected)
     ranks = {r: [json.loads(line)["doc_id"] for line in (offsets / f"replay.rank{r}.jsonl").read_text().splitlines()
                  if json.loads(line)["task"] == TASK] for r in (0, 1)}
-    assert sorted(ranks[0] + ranks[1]) == [0, 1, 2, 3] and ranks[0] and ranks[1]  # both ranks replayed
+    assert sorted(ranks[0]) == [0, 2] and ranks[1] == [1]  # both ranks replayed, the padding copy not logged
 
 
 # ------------------------------------------------- generate_until called directly
@@ -212,11 +217,13 @@ def test_generate_until_takes_two_images_a_video_and_batches(direct_model, task_
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     by_doc = {e["doc_id"]: e for e in model.results}
     assert by_doc[0]["replay"] and by_doc[1]["replay"] and not by_doc[2]["replay"]
-    assert by_doc[0]["n_visual"] == by_doc[1]["n_visual"] and len(by_doc[0]["n_visual"]) == 2  # one batch of 2
+    assert by_doc[0]["batch_rows"] == by_doc[1]["batch_rows"] == 2  # one batch of 2
     assert by_doc[0]["batch_row"] == 0 and by_doc[1]["batch_row"] == 1
     n_image = sum(plugin.data.encode(model.processor, data.Row("i", "q", images=images))["image_grid_thw"]
                   .prod(-1).div(4).long().tolist())
-    assert by_doc[0]["n_visual"][0] == n_image  # both images reached the prompt
+    assert by_doc[0]["n_visual"] == n_image  # both images reached the prompt
+    video_inputs = plugin.data.encode(model.processor, data.Row("v", "q", video=str(video)))
+    assert by_doc[1]["n_visual"] == int(video_inputs["video_grid_thw"].prod(-1).sum()) // 4 > 0  # and the video
     # each answer is what that request alone gives: batching does not change it
     for i, req in enumerate(requests):
         assert model.generate_until([req]) == [answers[i]], i
@@ -229,15 +236,55 @@ def test_generate_until_takes_two_images_a_video_and_batches(direct_model, task_
     assert answers[2] == plain
 
 
-def test_generation_kwargs_are_honoured():
+def test_generation_kwargs_are_read_as_lmms_evals_qwen2_5_vl_reads_them():
+    """temperature decides sampling (do_sample alone does not), the "\\n\\n" stop
+    lmms-eval adds to every task without one is dropped (it once cut reasoning
+    answers at their first paragraph), and a task without max_new_tokens gets
+    32768 or the model arg, not 128."""
     gen, until, replay = plugin.generation_kwargs({"max_new_tokens": 7, "temperature": 0.7, "top_p": 0.9,
                                                    "until": "###", "do_sample": False}, True)
     assert gen == {"max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
     assert until == ["###"] and replay is True
-    gen, until, replay = plugin.generation_kwargs({"temperature": 0, "num_beams": 2, "replay": "false"}, True)
-    assert gen == {"max_new_tokens": plugin.DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "num_beams": 2}
-    assert until == [] and replay is False
-    assert plugin._cut("four\n\nfive###six", ["###", "\n\n"]) == "four"
+    gen, until, replay = plugin.generation_kwargs({"temperature": 0, "num_beams": 2, "replay": "false",
+                                                   "do_sample": True, "until": ["\n\n", "</answer>"]}, True)
+    assert gen == {"max_new_tokens": 32768, "do_sample": False, "num_beams": 2}
+    assert until == ["</answer>"] and replay is False
+    gen, until, _ = plugin.generation_kwargs({"until": ["\n\n"], "do_sample": False}, True, 512)
+    assert gen == {"max_new_tokens": 512, "do_sample": False} and until == []
+    assert plugin._cut("four\n\nfive###six", ["###"]) == "four\n\nfive"
+
+
+def test_a_reasoning_answer_keeps_its_paragraphs(direct_model, monkeypatch):
+    """What the model says after a blank line reaches the scorer."""
+    model = direct_model
+    model.task_dict = {"hand_made": {"test": [{"visuals": []}]}}
+    monkeypatch.setattr(plugin.data, "decode_new", lambda *a: ["<think>one\n\ntwo</think><answer>6</answer>"])
+    lmms_default = {"until": ["\n\n"], "do_sample": False, "max_new_tokens": 2}  # a task without `until`
+    assert model.generate_until([request(0, "q", lmms_default)]) == ["<think>one\n\ntwo</think><answer>6</answer>"]
+
+
+def test_padding_copies_are_not_recorded_and_save_offsets_is_not_reused(pair, tmp_path):
+    """lmms-eval pads a short rank with copies of its last request
+    (metadata __padding_only__): they are answered, not logged as requests. A
+    save_offsets directory holding a rank's log of an earlier run is refused."""
+    base, rlvr = pair
+    model = plugin.ActReplay(base=base, rlvr=rlvr, **REPLAY, device="cpu", save_offsets=str(tmp_path / "o"))
+    model.task_dict = {"t": {"test": [{"visuals": []}]}}
+    real, pad = request(0, "q", {"max_new_tokens": 2}, task="t"), request(0, "q", {"max_new_tokens": 2}, task="t")
+    pad.metadata = {**pad.metadata, "__padding_only__": True}
+    assert len(model.generate_until([real, pad])) == 2
+    lines = (tmp_path / "o" / "replay.rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and len(model.results) == 1
+    with pytest.raises(UsageError, match="holds replay.rank0.jsonl of an earlier run"):
+        plugin.ActReplay(base=base, rlvr=rlvr, **REPLAY, device="cpu", save_offsets=str(tmp_path / "o"))
+
+
+def test_the_baseline_needs_neither_a_base_nor_a_fitting_replay_config(pair, tmp_path, monkeypatch):
+    """replay=false with the default preset (16 layers) on the 4-layer model, and
+    'None' (as lmms-eval passes it) meaning no value, not a directory named None."""
+    monkeypatch.chdir(tmp_path)
+    model = plugin.ActReplay(rlvr=pair[1], replay=False, base="None", save_offsets="None", device="cpu")
+    assert model._base is None and model.save_offsets is None and not (tmp_path / "None").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -252,6 +299,11 @@ def test_generation_kwargs_are_honoured():
     (dict(base="/nonexistent/base"), "base: '/nonexistent/base' not found"),
     (dict(preset="deepeyes-7b", save_offsets="/tmp/x"), "'save_offsets' has nothing to save"),
     (dict(batch_size=0), "'batch_size' must be an int >= 1"),
+    (dict(attn="flash"), "'attn' must be one of eager, sdpa, flash_attention_2"),
+    (dict(dtype="fp16"), "'dtype' must be one of"),
+    (dict(min_pixels=1000, max_pixels=10), r"'min_pixels' \(1000\) must be at most max_pixels"),
+    (dict(max_new_tokens=0), "'max_new_tokens' must be a positive int"),
+    (dict(processor="/nonexistent/processor"), "'processor' '/nonexistent/processor' is not a directory"),
 ])
 def test_bad_model_args_fail_by_name_before_any_weight_loads(pair, monkeypatch, args, message):
     def refuse(*a, **k):
