@@ -120,6 +120,11 @@ def decode_video(path: str, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_
     """The frames of a video file as PIL images, decoded with PyAV (the
     `video` extra), sampled at `fps` and at most `max_frames`; only the
     kept frames are converted, so a long video does not fill the memory."""
+    return _decode_video(path, fps, max_frames)[0]
+
+
+def _decode_video(path: str, fps: float, max_frames: int):
+    """(frames, the rate they were kept at in frames per second of video)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} not found")
     try:
@@ -144,22 +149,38 @@ def decode_video(path: str, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_
         raise ValueError(f"video {path!r} cannot be decoded ({e})") from None
     if not frames:
         raise ValueError(f"video {path!r} holds no frames")
-    return frames
+    return frames, 1.0 / step
 
 
 def _frames(video):
-    """A video as the processor takes it: a list of frames (a list of images or
-    paths, a directory of frame images, or a file decoded with PyAV)."""
+    """A video as the processor takes it, and its frame rate: a list of frames
+    (a list of images or paths, a directory of frame images: taken to be
+    VIDEO_FPS apart), or a file decoded with PyAV (the rate it was sampled at)."""
     if isinstance(video, (list, tuple)):
-        return [_image(f) for f in video]
+        return [_image(f) for f in video], VIDEO_FPS
     if isinstance(video, str) and os.path.isdir(video):
         names = sorted(n for n in os.listdir(video) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
         if not names:
             raise ValueError(f"video directory {video!r} holds no frame images (.png/.jpg/.jpeg/.webp)")
-        return [_image(os.path.join(video, n)) for n in names]
+        return [_image(os.path.join(video, n)) for n in names], VIDEO_FPS
     if isinstance(video, str):
-        return decode_video(video)
-    return video
+        return _decode_video(video, VIDEO_FPS, VIDEO_MAX_FRAMES)
+    return video, VIDEO_FPS
+
+
+def _video_rates(processor, videos: List[List[Any]], rates: List[float]) -> Dict:
+    """The processor kwargs that tell Qwen2.5-VL how far apart the frames are
+    (its temporal positions scale with it): transformers 5 reads the videos'
+    metadata and, without it, assumes 24 frames per second; 4.57 reads `fps`
+    (default 2). Processors whose positions do not depend on it get nothing."""
+    if "second_per_grid_ts" not in getattr(processor, "model_input_names", ()):
+        return {}
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"video_metadata": [{"total_num_frames": len(v), "fps": r, "frames_indices": list(range(len(v)))}
+                                   for v, r in zip(videos, rates)]}
+    return {"fps": list(rates)}
 
 
 def encode(processor, row: Row, device=None) -> Dict[str, torch.Tensor]:
@@ -171,7 +192,7 @@ def encode(processor, row: Row, device=None) -> Dict[str, torch.Tensor]:
 def encode_batch(processor, rows: List[Row], device=None) -> Dict[str, torch.Tensor]:
     """The model inputs of several rows as one left-padded batch (each row's
     images and video in its own place), as `encode` makes them for one."""
-    texts, images, videos = [], [], []
+    texts, images, videos, rates = [], [], [], []
     for row in rows:
         content: List[Dict] = [{"type": "image"} for _ in row.images]
         if row.video is not None:
@@ -181,12 +202,15 @@ def encode_batch(processor, rows: List[Row], device=None) -> Dict[str, torch.Ten
                                                    add_generation_prompt=True))
         images += [_image(p) for p in row.images]
         if row.video is not None:
-            videos.append(_frames(row.video))
+            frames, rate = _frames(row.video)
+            videos.append(frames)
+            rates.append(rate)
     kwargs = {}
     if images:
         kwargs["images"] = images
     if videos:
         kwargs["videos"] = videos
+        kwargs.update(_video_rates(processor, videos, rates))
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generate continues each row from its last token

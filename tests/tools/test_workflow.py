@@ -325,6 +325,26 @@ def _write_video(path, frames: int, fps: int, size=(48, 64)):
             container.mux(packet)
 
 
+def test_qwen2_5_vl_sees_how_far_apart_the_frames_are(ckpt, tmp_path):
+    """Qwen2.5-VL's temporal positions scale with the seconds per temporal
+    patch (second_per_grid_ts = 2 frames / the frames' rate). Frames reached the
+    processor without their rate, so transformers 5 assumed 24 fps (0.083 s for
+    every clip); the rate the file was sampled at is passed now, on 4.57 and 5.x."""
+    processor = data.load_processor(ckpt["rlvr"])
+    short, long = tmp_path / "short.mp4", tmp_path / "long.mp4"
+    _write_video(short, frames=10, fps=4)  # 2.5 s: a frame every 0.5 s
+    _write_video(long, frames=128, fps=1, size=(16, 16))  # 128 s: 64 frames at most, one every 2 s
+    for clip, seconds_apart in ((short, 0.5), (long, 2.0)):
+        enc = data.encode(processor, data.Row("v", "what happens ?", video=str(clip)))
+        assert float(enc["second_per_grid_ts"][0]) == pytest.approx(2 * seconds_apart), clip.name
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(data.decode_video(str(short))):
+        frame.save(frames / f"{i:03d}.png")
+    enc = data.encode(processor, data.Row("v", "what happens ?", video=str(frames)))
+    assert float(enc["second_per_grid_ts"][0]) == pytest.approx(2 / data.VIDEO_FPS)  # frame folders: VIDEO_FPS
+
+
 def test_a_video_file_is_decoded_with_pyav_at_two_frames_a_second(ckpt, capsys, tmp_path):
     """The `video` extra's path: PyAV decodes the file (no torchcodec or FFmpeg
     install needed), a frame every 0.5 s; `run --video clip.mp4` replays it."""
