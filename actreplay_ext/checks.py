@@ -16,10 +16,15 @@ import torch
 
 from .console import UsageError
 
-__all__ = ["checkpoint_config", "checkpoint_identity", "check_pair_configs", "input_file", "output_file",
+__all__ = ["is_local", "checkpoint_config", "checkpoint_identity", "check_pair_configs", "input_file", "output_file",
            "output_dir", "media_files"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_local(path: str) -> bool:
+    """Whether `path` names a local directory (existing or not) rather than a hub id."""
+    return os.path.exists(path) or not _HUB_ID.match(path) or path.startswith((".", "~"))
 
 
 def checkpoint_config(path: str, arg: str):
@@ -27,7 +32,7 @@ def checkpoint_config(path: str, arg: str):
     hub id where the network or the cache allows)."""
     from transformers import AutoConfig
 
-    local = os.path.exists(path) or not _HUB_ID.match(path) or path.startswith((".", "~"))
+    local = is_local(path)
     if local:
         if not os.path.isdir(path):
             raise UsageError(f"{arg}: {path!r} not found (no such directory)" if not os.path.exists(path)

@@ -245,10 +245,11 @@ def load_model(path: str, dtype: str = "bfloat16", device_map: Optional[str] = "
     return model.to(move_to) if move_to is not None else model
 
 
-def load_processor(path: str):
+def load_processor(path: str, **kwargs):
+    """The checkpoint's processor; `kwargs` (e.g. min_pixels, max_pixels) go to from_pretrained."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, **kwargs)
 
 
 def decode_new(processor, output: torch.Tensor, prompt_len: int) -> List[str]:

@@ -275,7 +275,6 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
     losses: List[float] = []
     rules = RowRules(cfg.optimizer, cfg.step_size, flat_hidden.index_select(0, flat_vis),
                      n_visual if n_visual is not None else [n], cfg.tol)
-    per_row = cfg.optimizer != "sgd" or cfg.tol is not None  # sgd alone is elementwise: one update for all rows
     loss_of = compiled_loss() if cfg.compile else _loss_at
     with loop_autograd(adapter.model):
         for step in range(cfg.steps):
@@ -290,16 +289,13 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
             if cfg.callback is not None:
                 cfg.callback(step, value)
             (grad,) = torch.autograd.grad(loss, delta)
-            row_losses = plan.row_losses(kl) if per_row else None
-            if per_row and not rules.observe(grad, row_losses, step):
+            row_losses = plan.row_losses(kl) if rules.needs_losses else None
+            if not rules.observe(grad, row_losses, step):
                 log.debug("replay: every row stopped by step %d (gradient norm <= tol * its first)", step)
                 break
             if step == cfg.steps - 1 and not rules.update_after_last:
                 break
             with torch.no_grad():
-                if per_row:
-                    rules.update(delta, grad, row_losses)
-                else:
-                    delta -= cfg.step_size * grad  # exactly the published update
+                rules.update(delta, grad, row_losses)  # sgd: exactly the published update
             plan.check_update(delta, step)
-    return (rules.finish(delta) if per_row else delta), losses
+    return rules.finish(delta), losses

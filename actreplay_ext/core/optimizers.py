@@ -119,14 +119,19 @@ def make_rule(optimizer: str, lr: float, hidden_visual: torch.Tensor) -> UpdateR
 
 class RowRules:
     """The update rule and the `tol` test of each prompt row of a batch, so a
-    batch gives every row the offsets it gets alone. sgd without tol needs none
-    of this (the rows' gradients are independent and the update elementwise);
-    lbfgs's curvature pairs, best point, step scale and accept test, and tol's
-    gradient norms, are each row's own. A row that meets tol stops updating
-    while the others go on; the loop ends when every row has stopped."""
+    batch gives every row the offsets it gets alone. sgd without tol is one rule
+    over all rows (the rows' gradients are independent and its update
+    elementwise); lbfgs's curvature pairs, best point, step scale and accept
+    test, and tol's gradient norms, are each row's own. A row that meets tol
+    stops updating while the others go on; the loop ends when every row has
+    stopped."""
 
     def __init__(self, optimizer: str, lr: float, hidden_visual: torch.Tensor, n_visual: List[int],
                  tol: Optional[float]):
+        if optimizer == "sgd" and tol is None:
+            n_visual = [sum(n_visual)]  # nothing per row: the published update on all offsets at once
+        #: whether `observe` and `update` need each row's loss (`LossPlan.row_losses`)
+        self.needs_losses = optimizer != "sgd"
         bounds = [0]
         for n in n_visual:
             bounds.append(bounds[-1] + n)
@@ -140,7 +145,7 @@ class RowRules:
         self.active = [n > 0 for n in n_visual]
         self.last_loss = [0.0] * len(n_visual)
 
-    def observe(self, grad: torch.Tensor, row_losses: List[float], step: int) -> bool:
+    def observe(self, grad: torch.Tensor, row_losses: Optional[List[float]], step: int) -> bool:
         """Record each active row's loss at this evaluation and apply tol (the
         gradient norm at most tol times the row's first); whether any row goes on."""
         norms = None
@@ -150,7 +155,8 @@ class RowRules:
         for r in range(len(self.slices)):
             if not self.active[r]:
                 continue
-            self.last_loss[r] = row_losses[r]
+            if row_losses is not None:
+                self.last_loss[r] = row_losses[r]
             if norms is not None:
                 if self.first_norm[r] is None:
                     self.first_norm[r] = norms[r]
@@ -158,11 +164,11 @@ class RowRules:
                     self.active[r] = False
         return any(self.active)
 
-    def update(self, delta: torch.Tensor, grad: torch.Tensor, row_losses: List[float]) -> None:
+    def update(self, delta: torch.Tensor, grad: torch.Tensor, row_losses: Optional[List[float]]) -> None:
         for r, s in enumerate(self.slices):
             if self.active[r]:
-                self.rules[r].update(delta[s], grad[s], row_losses[r])
+                self.rules[r].update(delta[s], grad[s], None if row_losses is None else row_losses[r])
 
     def finish(self, delta: torch.Tensor) -> torch.Tensor:
         pieces = [rule.finish(delta[s], loss) for rule, s, loss in zip(self.rules, self.slices, self.last_loss)]
-        return torch.cat([p.detach() for p in pieces]) if pieces else delta
+        return pieces[0] if len(pieces) == 1 else torch.cat([p.detach() for p in pieces])

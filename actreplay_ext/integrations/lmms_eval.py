@@ -42,7 +42,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -135,9 +134,7 @@ def parse_model_args(kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], ReplayConf
         raise _bad("attn", f"must be one of {', '.join(ATTENTION)}, got {load['attn']!r}")
     if load["dtype"] is not None and load["dtype"] not in DTYPES:
         raise _bad("dtype", f"must be one of {', '.join(DTYPES)}, got {load['dtype']!r}")
-    hub_id = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-    if load["processor"] is not None and not os.path.isdir(load["processor"]) and (
-            os.path.exists(load["processor"]) or not hub_id.match(load["processor"])):
+    if load["processor"] is not None and checks.is_local(load["processor"]) and not os.path.isdir(load["processor"]):
         raise _bad("processor", f"{load['processor']!r} is not a directory (or a hub id)")
     overrides = {k: _replay_value(k, v) for k, v in kwargs.items() if k in _REPLAY_FIELDS}
     try:
@@ -179,7 +176,7 @@ class ActReplay(lmms):
         self._rlvr = data.load_model(load["rlvr"], **kw)
         self._base = data.load_model(load["base"], **kw) if self.replay else None  # replay=false: the RLVR alone
         pixels = {k: int(load[k]) for k in ("min_pixels", "max_pixels") if load[k] is not None}
-        self.processor = _load_processor(load["processor"] or load["rlvr"], pixels)
+        self.processor = data.load_processor(load["processor"] or load["rlvr"], **pixels)
         self.results: List[Dict] = []  # one entry per request: what the replay did
 
     def _claim_save_offsets(self) -> None:
@@ -366,9 +363,3 @@ def _describe(result, cfg: ReplayConfig) -> str:
     if not result.replayed or not result.losses:
         return result.note or "nothing replayed"
     return f"{sum(result.n_visual)} visual tokens, selected {result.selected}, loss {loss_change(cfg, result.losses)}"
-
-
-def _load_processor(path: str, pixels: Dict[str, int]):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(path, **pixels)
