@@ -7,11 +7,18 @@ and writes JSON.
     python benchmarks/bench_replay.py                        # CPU shape
     python benchmarks/bench_replay.py --curve                # CPU: 256 ... 4096 visual tokens, fit, plot
     python benchmarks/bench_replay.py --device cuda --visual 1024 4096
+    python benchmarks/bench_replay.py --compile              # CPU: compile=True against eager, 20 prompts
 
 --curve measures ours, the published loop and the floor at 256, 576, 1024,
 2304 and 4096 visual tokens, fits each one's growth exponent (the slope of
 log time against log visual tokens, least squares) and plots them log-log
 (benchmarks/results/bench_replay_curve_<device>.png).
+
+--compile runs 20 prompts of varying visual-token counts (432 ... 720) through
+one model pair, each with the eager loop and with ReplayConfig(compile=True)
+side by side: the first compiled prompt pays the compilation (cold), the 2nd
+... 20th show whether the dynamic-shape code is reused (warm), and the
+offsets are compared to the eager ones.
 
 CPU shape: a random Qwen2.5-VL with D = 512, 8 layers, V = 32768, one image of
 576 visual tokens and 64 text tokens, layers = 6, steps = 25, float32.
@@ -150,6 +157,57 @@ def bench_one(args, n_vis, layers, gpu_shape, warm_up=True):
 
 
 CURVE = (256, 576, 1024, 2304, 4096)
+COMPILE_PROMPTS = (576, 480, 640, 528, 704, 448, 600, 672, 512, 560,
+                   624, 456, 720, 500, 588, 612, 432, 660, 540, 690)
+
+
+def _compiled_graphs():
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def bench_compile(args, layers):
+    """Eager against compile=True on COMPILE_PROMPTS, one pair, side by side."""
+    import dataclasses
+
+    base, rlvr, _ = build(args.device, COMPILE_PROMPTS[0], gpu_shape=False)
+    eager = ar.ReplayConfig(layers=layers, steps=args.steps, lr=1e-3)
+    compiled = dataclasses.replace(eager, compile=True)
+    rows = []
+    for i, n_vis in enumerate(COMPILE_PROMPTS):
+        inputs = tiny.make_inputs(base, images=[image_grid(n_vis)], text_len=64, seed=i)
+        times, results = {}, {}
+        for name, cfg in (("eager", eager), ("compiled", compiled)):
+            graphs = _compiled_graphs()
+            t, _, res = measure(lambda x=inputs, c=cfg: ar.optimize(rlvr, x, ar.compute_targets(base, x, c), c),
+                                args.device)
+            times[name], results[name] = t, res
+            if name == "compiled":
+                new_graphs = _compiled_graphs() - graphs
+        a, b = results["eager"].deltas, results["compiled"].deltas
+        rows.append(dict(prompt=i + 1, visual_tokens=n_vis, selected=results["eager"].selected,
+                         eager_seconds=times["eager"], compiled_seconds=times["compiled"],
+                         new_graphs=new_graphs,
+                         offsets_rel_diff=float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))))
+        print(f"prompt {i + 1:2d}: {n_vis} visual tokens, eager {times['eager']:.2f} s, "
+              f"compiled {times['compiled']:.2f} s ({new_graphs} new graphs), "
+              f"offsets rel. diff {rows[-1]['offsets_rel_diff']:.1e}", flush=True)
+    return rows
+
+
+def compile_summary(rows):
+    warm = rows[1:]
+
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+    return dict(cold_eager_seconds=rows[0]["eager_seconds"], cold_compiled_seconds=rows[0]["compiled_seconds"],
+                warm_eager_median_seconds=median([r["eager_seconds"] for r in warm]),
+                warm_compiled_median_seconds=median([r["compiled_seconds"] for r in warm]),
+                warm_new_graphs=sum(r["new_graphs"] for r in warm),
+                max_offsets_rel_diff=max(r["offsets_rel_diff"] for r in rows))
 
 
 def growth_exponents(rows):
@@ -198,8 +256,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--skip-published", action="store_true", help="only ours and the floor")
     p.add_argument("--curve", action="store_true", help=f"the cost curve: {', '.join(map(str, CURVE))} visual tokens")
+    p.add_argument("--compile", action="store_true",
+                   help=f"compile=True against eager over {len(COMPILE_PROMPTS)} prompts (CPU shape)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.compile:
+        if args.device != "cpu" or args.curve or args.visual:
+            p.error("--compile measures the CPU shape only: no --device cuda, --curve or --visual with it")
+        return main_compile(args)
     gpu_shape = args.device == "cuda"
     visual = args.visual or (list(CURVE) if args.curve else [1024, 4096] if gpu_shape else [576])
     layers = 16 if gpu_shape else 6
@@ -230,6 +294,25 @@ def main(argv=None):
         print("growth exponents (time ~ n^e): " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
     if args.curve:
         plot_curve(rows, exponents, out[:-len(".json")] + ".png")
+    print(f"\nwrote {out}")
+
+
+def main_compile(args):
+    out = args.out or "benchmarks/results/bench_replay_compile_cpu.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
+                build=ar.build_info(), steps=args.steps, layers=6)
+    rows = bench_compile(args, layers=6)
+    summary = compile_summary(rows)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows, summary=summary), f, indent=1)
+    print(f"{'':22} {'eager s':>8} {'compiled s':>10} {'compiled / eager':>16}")
+    for label, e, c in (("cold (1st prompt)", summary["cold_eager_seconds"], summary["cold_compiled_seconds"]),
+                        ("warm (median 2-20)", summary["warm_eager_median_seconds"],
+                         summary["warm_compiled_median_seconds"])):
+        print(f"{label:22} {e:8.2f} {c:10.2f} {c / e:16.2f}")
+    print(f"graphs compiled after the 1st prompt: {summary['warm_new_graphs']}; "
+          f"offsets max rel. diff {summary['max_offsets_rel_diff']:.1e}")
     print(f"\nwrote {out}")
 
 
