@@ -80,10 +80,11 @@ def topk_kl(
     from the ``k`` gathered unembedding rows only. Differentiable in ``hidden``; the
     gradient takes each row of ``p`` to sum to 1 (log-probabilities, as targets are).
 
-    On CPU the forward keeps ``log q`` and the backward reads it instead of
+    The forward keeps ``log q`` [M, k] and the backward reads it instead of
     recomputing the ``k`` dot products of each row (``topk_kl_logq``; the same
-    values and gradients, bitwise); elsewhere ``torch.ops.actreplay.topk_kl``."""
-    if hidden.device.type == "cpu":
+    values and gradients, bitwise, as ``torch.ops.actreplay.topk_kl``, which
+    recomputes them and is what runs on other devices)."""
+    if hidden.device.type in ("cpu", "cuda"):
         return _ops.topk_kl_logq(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)[0]
     return _ops.topk_kl(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)
 

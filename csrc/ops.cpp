@@ -84,7 +84,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& hidden,
                               target_logp);
 }
 
-// The CPU autograd path of ops.topk_kl: the forward keeps log q, and the backward
+// The autograd path of ops.topk_kl: the forward keeps log q, and the backward
 // reads it instead of recomputing the k dot products per row. The backward's
 // inputs are normally the forward's, validated there, but the op is public:
 // it checks every shape, dtype and device again (no pass over the data, no
@@ -94,6 +94,10 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_logq(const at::Tensor& hidden, const 
                                                 double eps, const at::Tensor& target_idx,
                                                 const at::Tensor& target_logp) {
   validate_topk_kl(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda())
+    return topk_kl_logq_cuda(hidden, unembed, norm_weight, eps, target_idx, target_logp);
+#endif
   return topk_kl_logq_cpu(hidden, unembed, norm_weight, eps, target_idx, target_logp);
 }
 
@@ -116,6 +120,11 @@ at::Tensor topk_kl_backward_logq(const at::Tensor& grad_kl, const at::Tensor& hi
                     "actreplay.topk_kl_backward_logq: arguments 'grad_kl' and 'logq' must be on ",
                     hidden.device(), ", got ", grad_kl.device(), " and ", logq.device());
   const auto grad = grad_kl.to(result_dtype(hidden)).contiguous();
+#ifdef ACTREPLAY_WITH_CUDA
+  if (hidden.is_cuda())
+    return topk_kl_backward_logq_cuda(grad, hidden, unembed, norm_weight, eps, target_idx,
+                                      target_logp, logq);
+#endif
   return topk_kl_backward_logq_cpu(grad, hidden, unembed, norm_weight, eps, target_idx, target_logp,
                                    logq);
 }
@@ -166,6 +175,8 @@ TORCH_LIBRARY_IMPL(actreplay, CUDA, m) {
   m.impl("topk_kl", &topk_kl);
   m.impl("topk_logp", &topk_logp);
   m.impl("topk_kl_backward", &topk_kl_backward);
+  m.impl("topk_kl_logq", &topk_kl_logq);
+  m.impl("topk_kl_backward_logq", &topk_kl_backward_logq);
 }
 #endif
 

@@ -64,7 +64,7 @@ at::Tensor topk_kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& hid
                                 const c10::optional<at::Tensor>& norm_weight, double eps,
                                 const at::Tensor& target_idx,
                                 const at::Tensor& target_logp);
-// topk_kl that also returns log q [M, k], and the backward that reads it (CPU only).
+// topk_kl that also returns log q [M, k], and the backward that reads it.
 std::tuple<at::Tensor, at::Tensor> topk_kl_logq_cpu(const at::Tensor& hidden, const at::Tensor& unembed,
                                                     const c10::optional<at::Tensor>& norm_weight,
                                                     double eps, const at::Tensor& target_idx,
@@ -96,6 +96,15 @@ at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& hi
                                  const c10::optional<at::Tensor>& norm_weight, double eps,
                                  const at::Tensor& target_idx,
                                  const at::Tensor& target_logp);
+std::tuple<at::Tensor, at::Tensor> topk_kl_logq_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
+                                                     const c10::optional<at::Tensor>& norm_weight,
+                                                     double eps, const at::Tensor& target_idx,
+                                                     const at::Tensor& target_logp);
+at::Tensor topk_kl_backward_logq_cuda(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                                      const at::Tensor& unembed,
+                                      const c10::optional<at::Tensor>& norm_weight, double eps,
+                                      const at::Tensor& target_idx, const at::Tensor& target_logp,
+                                      const at::Tensor& logq);
 #endif
 
 }  // namespace actreplay

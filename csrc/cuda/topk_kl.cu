@@ -15,7 +15,10 @@
 //      (lp_j = -inf) are skipped, so they contribute exactly 0, never NaN.
 //   log q_j is rounded to the targets' type (logq()), the value topk_logp
 //   returns, so targets made by topk_logp from the same rows give KL 0 exactly.
-//   Backward, same 1-2, then gz_j = g (q_j - p_j) (targets sum to 1), which
+//   topk_kl_logq's forward also writes that log q ([M, k]); its backward then
+//   skips step 2 (only r is recomputed, one D-long reduction) and reads log q,
+//   so the unembedding rows are read once per step instead of twice.
+//   Backward, same 1-2 (or log q), then gz_j = g (q_j - p_j) (targets sum to 1), which
 //   overwrites Z; each thread owns a set of D-vectors and computes
 //   gxn_d = sum_j gz_j U[idx_j, d] (coalesced across the block for every j).
 //   Without norm_weight grad_h = gxn; with it u_d = gxn_d w_d (stored over X),
@@ -23,7 +26,10 @@
 // X (D values) and Z (k values) live in dynamic shared memory when they fit
 // a 40 KiB budget (X at most 32 KiB); otherwise in a global scratch tensor
 // ([M, D] or [M, k] in acc_t). Shared memory stays under 48 KiB, so no opt-in
-// attribute is needed. Argument validation is done by the caller.
+// attribute is needed. Argument validation is done by the caller, except the
+// index range of the backward from log q: its inputs are not re-validated (no
+// pass over the data, no host sync), so its kernel checks each index as it
+// reads it and stops with a device-side assertion, as torch's gather does.
 
 #include "ops.h"
 #include "cuda/device_reduce.cuh"
@@ -136,7 +142,7 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
                    const int64_t* __restrict__ target_idx, const lp_t* __restrict__ target_logp,
                    at::opmath_type<scalar_t>* __restrict__ kl_out, int64_t D, int64_t k,
                    at::opmath_type<scalar_t>* xg, at::opmath_type<scalar_t>* zg,
-                   lp_t* __restrict__ logq_out) {
+                   at::opmath_type<scalar_t>* __restrict__ logq_out) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t s_acc[kWarps];
   __shared__ double s_red[kWarps];
@@ -155,9 +161,10 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
   for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
   se = block_sum<kWarps>(se, s_red);
   const double lse = mz + log(se);
-  if (logq_out != nullptr) {  // topk_logp: the log q the KL below reads
-    for (int64_t j = threadIdx.x; j < k; j += kThreads) logq_out[i * k + j] = logq<lp_t>(Z[j], lse);
-    return;
+  if (logq_out != nullptr) {  // topk_logp, topk_kl_logq: the log q the KL below reads
+    for (int64_t j = threadIdx.x; j < k; j += kThreads)
+      logq_out[i * k + j] = static_cast<acc_t>(logq<lp_t>(Z[j], lse));
+    if (kl_out == nullptr) return;  // topk_logp
   }
   double kl = 0.0;
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
@@ -170,6 +177,27 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
   if (threadIdx.x == 0) kl_out[i] = static_cast<acc_t>(kl);
 }
 
+// Backward, recomputing: Z holds the k gathered logits; overwrites it with
+// dkl/dz_j = g * (q_j - p_j) for targets p that sum to 1. Ends with a barrier.
+template <typename lp_t, typename acc_t>
+__device__ void logits_to_grad(acc_t* Z, const lp_t* __restrict__ lp_row, int64_t k, double g,
+                               double* s_red) {
+  double mz = -std::numeric_limits<double>::infinity();
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
+  mz = block_max<kWarps>(mz, s_red);
+  double se = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
+  se = block_sum<kWarps>(se, s_red);
+  const double lse = mz + log(se);
+  // Each thread rewrites only the Z entries it read itself above.
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+    const double q = exp(static_cast<double>(logq<lp_t>(Z[j], lse)));
+    const double p = exp(static_cast<double>(lp_row[j]));
+    Z[j] = static_cast<acc_t>(g * (q - p));
+  }
+  __syncthreads();  // all of Z (now gz) visible; X (xn) no longer read
+}
+
 template <typename scalar_t, typename lp_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
 topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
@@ -177,7 +205,8 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
                    const scalar_t* __restrict__ w, at::opmath_type<scalar_t> eps,
                    const int64_t* __restrict__ target_idx, const lp_t* __restrict__ target_logp,
                    scalar_t* __restrict__ grad_hidden, int64_t D, int64_t k,
-                   at::opmath_type<scalar_t>* xg, at::opmath_type<scalar_t>* zg) {
+                   at::opmath_type<scalar_t>* xg, at::opmath_type<scalar_t>* zg,
+                   const at::opmath_type<scalar_t>* __restrict__ logq_in, int64_t vocab) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t s_acc[kWarps];
   __shared__ double s_red[kWarps];
@@ -189,25 +218,35 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
   const lp_t* lp_row = target_logp + i * k;
   const scalar_t* h_row = hidden + i * D;
   scalar_t* g_row = grad_hidden + i * D;
-  const acc_t r = gathered_logits<scalar_t, acc_t, VEC>(h_row, U, w, eps, D, idx_row, k, X, Z,
-                                                        s_acc);
-
-  // dkl/dz_j = g * (q_j - p_j) for targets p that sum to 1.
-  double mz = -std::numeric_limits<double>::infinity();
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
-  mz = block_max<kWarps>(mz, s_red);
-  double se = 0.0;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
-  se = block_sum<kWarps>(se, s_red);
-  const double lse = mz + log(se);
   const double g = static_cast<double>(grad_kl[i]);
-  // Each thread rewrites only the Z entries it read itself above.
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    const double q = exp(static_cast<double>(logq<lp_t>(Z[j], lse)));
-    const double p = exp(static_cast<double>(lp_row[j]));
-    Z[j] = static_cast<acc_t>(g * (q - p));
+  acc_t r = acc_t(1);
+  if (logq_in != nullptr) {
+    // From the forward's log q: only r again (the same reduction as the
+    // forward's, so the same value), then gz_j as below, bitwise.
+    if (w != nullptr) {
+      acc_t ss = acc_t(0);
+      for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+        const acc_t x = static_cast<acc_t>(h_row[d]);
+        ss += x * x;
+      }
+      ss = block_sum<kWarps>(ss, s_acc);
+      r = acc_t(1) / acc_sqrt(ss / static_cast<acc_t>(D) + eps);
+    }
+    int bad = 0;
+    for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+      bad |= idx_row[j] < 0 || idx_row[j] >= vocab;
+      const double q = exp(static_cast<double>(logq_in[i * k + j]));
+      const double p = exp(static_cast<double>(lp_row[j]));
+      Z[j] = static_cast<acc_t>(g * (q - p));
+    }
+    if (__syncthreads_or(bad)) {  // a barrier too: all of Z visible below
+      CUDA_KERNEL_ASSERT(!bad && "topk_kl_backward_logq: target_idx must hold indices in [0, V)");
+      return;  // the whole block: no row of U outside [0, V) is read
+    }
+  } else {
+    r = gathered_logits<scalar_t, acc_t, VEC>(h_row, U, w, eps, D, idx_row, k, X, Z, s_acc);
+    logits_to_grad<lp_t>(Z, lp_row, k, g, s_red);
   }
-  __syncthreads();  // all of Z (now gz) visible; X (xn) no longer read
 
   // gxn_d = sum_j gz_j U[idx_j, d]. Thread t owns the D-vectors t, t + 256, ...
   // and, with a norm, keeps u_d = gxn_d w_d in X[d] (its own entries only).
@@ -290,11 +329,14 @@ const void* optional_ptr(const c10::optional<at::Tensor>& t) {
 }
 
 // Runs the forward (grad == nullptr) or backward kernel for one dtype pair.
+// Forward: the KL into `out` (logq_only: log q into `out`, topk_logp) and, when
+// `logq` is given, log q into it too (topk_kl_logq). Backward: the gradient
+// into `out`, from `logq` when given instead of recomputing the logits.
 template <typename scalar_t, typename lp_t>
 void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::Tensor& unembed,
                  const c10::optional<at::Tensor>& norm_weight, double eps,
                  const at::Tensor& target_idx, const at::Tensor& target_logp, at::Tensor& out,
-                 bool logq_only = false) {
+                 bool logq_only, at::Tensor* logq) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = hidden.size(0);
   const int64_t D = hidden.size(1);
@@ -319,7 +361,7 @@ void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::
           hidden.data_ptr<scalar_t>(), unembed.data_ptr<scalar_t>(), w, eps_acc,
           target_idx.data_ptr<int64_t>(), target_logp.data_ptr<lp_t>(),
           logq_only ? nullptr : out.data_ptr<acc_t>(), D, k, xg, zg,
-          logq_only ? out.data_ptr<lp_t>() : nullptr);
+          logq_only ? out.data_ptr<acc_t>() : logq != nullptr ? logq->data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {
@@ -332,7 +374,8 @@ void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::
       kernel<<<grid, kThreads, plan.smem, stream>>>(
           grad_kl->data_ptr<acc_t>(), hidden.data_ptr<scalar_t>(), unembed.data_ptr<scalar_t>(),
           w, eps_acc, target_idx.data_ptr<int64_t>(), target_logp.data_ptr<lp_t>(),
-          out.data_ptr<scalar_t>(), D, k, xg, zg);
+          out.data_ptr<scalar_t>(), D, k, xg, zg,
+          logq != nullptr ? logq->data_ptr<acc_t>() : nullptr, unembed.size(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec) {
@@ -346,13 +389,13 @@ void run_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden, const at::
 void dispatch_topk_kl(const at::Tensor* grad_kl, const at::Tensor& hidden,
                       const at::Tensor& unembed, const c10::optional<at::Tensor>& norm_weight,
                       double eps, const at::Tensor& target_idx, const at::Tensor& target_logp,
-                      at::Tensor& out, bool logq_only = false) {
+                      at::Tensor& out, bool logq_only = false, at::Tensor* logq = nullptr) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "topk_kl_cuda", [&] {
         using hidden_t = scalar_t;
         AT_DISPATCH_FLOATING_TYPES(target_logp.scalar_type(), "topk_kl_cuda_logp", [&] {
           run_topk_kl<hidden_t, scalar_t>(grad_kl, hidden, unembed, norm_weight, eps,
-                                          target_idx, target_logp, out, logq_only);
+                                          target_idx, target_logp, out, logq_only, logq);
         });
       });
 }
@@ -369,6 +412,22 @@ at::Tensor topk_kl_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
   TORCH_CHECK(M <= static_cast<int64_t>(INT32_MAX), "topk_kl: too many rows (", M, ")");
   dispatch_topk_kl(nullptr, hidden, unembed, norm_weight, eps, target_idx, target_logp, kl);
   return kl;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_kl_logq_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
+                                                     const c10::optional<at::Tensor>& norm_weight,
+                                                     double eps, const at::Tensor& target_idx,
+                                                     const at::Tensor& target_logp) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t M = hidden.size(0);
+  const auto opts = hidden.options().dtype(result_dtype(hidden));
+  at::Tensor kl = at::empty({M}, opts);
+  at::Tensor logq = at::empty(target_idx.sizes(), opts);
+  if (M == 0) return {kl, logq};
+  TORCH_CHECK(M <= static_cast<int64_t>(INT32_MAX), "topk_kl_logq: too many rows (", M, ")");
+  dispatch_topk_kl(nullptr, hidden, unembed, norm_weight, eps, target_idx, target_logp, kl, false,
+                   &logq);
+  return {kl, logq};
 }
 
 at::Tensor topk_logp_cuda(const at::Tensor& hidden, const at::Tensor& unembed,
@@ -397,6 +456,22 @@ at::Tensor topk_kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& hi
   // Autograd may hand over an expanded (stride-0) or differently typed grad.
   const at::Tensor g = grad_kl.to(result_dtype(hidden)).contiguous();
   dispatch_topk_kl(&g, hidden, unembed, norm_weight, eps, target_idx, target_logp, grad_hidden);
+  return grad_hidden;
+}
+
+at::Tensor topk_kl_backward_logq_cuda(const at::Tensor& grad_kl, const at::Tensor& hidden,
+                                      const at::Tensor& unembed,
+                                      const c10::optional<at::Tensor>& norm_weight, double eps,
+                                      const at::Tensor& target_idx, const at::Tensor& target_logp,
+                                      const at::Tensor& logq) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t M = hidden.size(0);
+  at::Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
+  if (M == 0 || hidden.size(1) == 0) return grad_hidden;
+  TORCH_CHECK(M <= static_cast<int64_t>(INT32_MAX), "topk_kl_backward_logq: too many rows (", M, ")");
+  at::Tensor lq = logq;  // contiguous, result dtype: checked by the caller
+  dispatch_topk_kl(&grad_kl, hidden, unembed, norm_weight, eps, target_idx, target_logp, grad_hidden,
+                   false, &lq);
   return grad_hidden;
 }
 

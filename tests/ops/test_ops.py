@@ -218,13 +218,18 @@ def test_topk_kl_gradcheck(device, norm):
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
-def test_topk_kl_cpu_backward_from_the_saved_logq_is_bitwise_the_recomputing_one(dtype, norm):
-    """ops.topk_kl on CPU keeps log q for its backward (topk_kl_logq): the same kl and
-    the same gradient, bit for bit, as torch.ops.actreplay.topk_kl, which recomputes it."""
-    h, U, w, idx, lp = make_kl(37, 2003, 72, 50, dtype, "cpu", seed=11, norm=norm, with_zero_p=True)
+# (M, V, D, k): the common case; on CUDA D = 8200/8201 keeps xn in global scratch
+# (over 32 KiB), vectorised or not, and k = 1500 with it moves the logits there too.
+@pytest.mark.parametrize("shape", [(37, 2003, 72, 50), (3, 2003, 8200, 1500), (2, 2003, 8201, 7)],
+                         ids=lambda s: "M%d-V%d-D%d-k%d" % s)
+def test_topk_kl_backward_from_the_saved_logq_is_bitwise_the_recomputing_one(device, dtype, norm, shape):
+    """ops.topk_kl keeps log q for its backward (topk_kl_logq): the same kl and the
+    same gradient, bit for bit, as torch.ops.actreplay.topk_kl, which recomputes it."""
+    m, v, d, k = shape
+    h, U, w, idx, lp = make_kl(m, v, d, k, dtype, device, seed=11, norm=norm, with_zero_p=True)
     if dtype == torch.float64:
         lp = lp.double()
-    g = torch.randn(37, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(m, generator=torch.Generator().manual_seed(5)).to(device)
     grads, outs = [], []
     for fn in (ops.topk_kl, torch.ops.actreplay.topk_kl):
         x = h.clone().requires_grad_()
@@ -237,20 +242,25 @@ def test_topk_kl_cpu_backward_from_the_saved_logq_is_bitwise_the_recomputing_one
     assert torch.equal(kl, outs[1]) and torch.equal(logq, ops.topk_logp(h, U, w, 1e-6, idx))
 
 
-def test_topk_kl_backward_logq_checks_what_it_is_given():
-    h, U, w, idx, lp = make_kl(4, 30, 8, 5, torch.float32, "cpu", seed=1)
+def test_topk_kl_backward_logq_checks_what_it_is_given(device):
+    h, U, w, idx, lp = make_kl(4, 30, 8, 5, torch.float32, device, seed=1)
     _, logq = torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)
+    ones = lambda n: torch.ones(n, device=device)  # noqa: E731
     with pytest.raises(ValueError, match="'grad_kl' must be \\[M\\] with M = 4"):
-        torch.ops.actreplay.topk_kl_backward_logq(torch.ones(3), h, U, w, 1e-6, idx, lp, logq)
+        torch.ops.actreplay.topk_kl_backward_logq(ones(3), h, U, w, 1e-6, idx, lp, logq)
     with pytest.raises(ValueError, match="'logq' must be the contiguous"):
-        torch.ops.actreplay.topk_kl_backward_logq(torch.ones(4), h, U, w, 1e-6, idx, lp, logq[:, :4])
+        torch.ops.actreplay.topk_kl_backward_logq(ones(4), h, U, w, 1e-6, idx, lp, logq[:, :4])
     with pytest.raises(IndexError, match="'target_idx' must hold indices in \\[0, V = 30\\)"):
         torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx + 30, lp)
     # The backward is a public op too: what it is given directly is checked
-    # (a bad index once read out of bounds and crashed the process).
-    g = torch.ones(4)
+    # (a bad index once read out of bounds and crashed the process). Out-of-range
+    # indices on CUDA stop the kernel with a device-side assertion, which ends the
+    # process's CUDA context: see test_cuda_backward_logq_stops_at_a_bad_index.
+    g = ones(4)
     bwd = torch.ops.actreplay.topk_kl_backward_logq
-    for bad in (idx + 30, idx - 31, idx.clone().index_fill_(0, torch.tensor([2]), 30)):
+    for bad in (idx + 30, idx - 31, idx.clone().index_fill_(0, torch.tensor([2], device=device), 30)):
+        if torch.device(device).type == "cuda":
+            break
         with pytest.raises(IndexError, match="topk_kl_backward_logq: argument 'target_idx' must hold indices in "
                                              "\\[0, V = 30\\)"):
             bwd(g, h, U, w, 1e-6, bad, lp, logq)
@@ -265,6 +275,35 @@ def test_topk_kl_backward_logq_checks_what_it_is_given():
     with pytest.raises(ValueError, match="topk_kl_backward_logq: argument 'target_idx' must be \\[M, k\\]"):
         bwd(g, h, U, w, 1e-6, idx[:3], lp[:3], logq[:3])
     assert torch.isfinite(bwd(g, h, U, w, 1e-6, idx, lp, logq)).all()  # and good input still works
+
+
+_BAD_INDEX_ON_CUDA = """
+import torch, actreplay_ext
+torch.manual_seed(0)
+h, U, w = torch.randn(4, 8, device="cuda"), torch.randn(30, 8, device="cuda"), torch.ones(8, device="cuda")
+idx = torch.stack([torch.randperm(30)[:5] for _ in range(4)]).cuda()
+lp = torch.log_softmax(torch.randn(4, 5), -1).cuda()
+_, logq = torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)
+idx[2, 3] = {bad}
+torch.ops.actreplay.topk_kl_backward_logq(torch.ones(4, device="cuda"), h, U, w, 1e-6, idx, lp, logq)
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bad", [30, -1, 2**40])
+def test_cuda_backward_logq_stops_at_a_bad_index(bad):
+    """On CUDA the backward from log q checks each index as its kernel reads it (no
+    host sync): a bad one is a device-side assertion, never a read outside U. Run in
+    a child process, since the assertion ends that process's CUDA context."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _BAD_INDEX_ON_CUDA.format(bad=bad)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "no error" not in r.stdout, r.stdout + r.stderr
+    assert "device-side assert" in r.stderr and "illegal memory access" not in r.stderr, r.stderr[-2000:]
 
 
 def test_topk_kl_refuses_gradients_it_does_not_compute(device):
@@ -370,12 +409,13 @@ def _opcheck_cases(device):
          (h, torch.tensor([4, 0], device=device), torch.randn(2, 16, device=device), "replace")),
         (torch.ops.actreplay.select_tokens.default,
          (torch.rand(2, 6, device=device), torch.ones(6, dtype=torch.bool, device=device), "ratio", [0.4], "low")),
-    ] + ([  # the CPU path of ops.topk_kl, which keeps log q for its backward
+        # the path of ops.topk_kl, which keeps log q for its backward
         (torch.ops.actreplay.topk_kl_logq.default, (h.clone().requires_grad_(), U, w, 1e-6, idx, lp)),
         (torch.ops.actreplay.topk_kl_logq.default, (hd, U.double(), None, 1e-6, idx, lp.double())),
         (torch.ops.actreplay.topk_kl_backward_logq.default,
-         (torch.ones(6), h, U, w, 1e-6, idx, lp, torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)[1])),
-    ] if torch.device(device).type == "cpu" else [])
+         (torch.ones(6, device=device), h, U, w, 1e-6, idx, lp,
+          torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)[1])),
+    ]
 
 
 def test_opcheck_all_operators(device):

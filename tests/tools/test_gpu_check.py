@@ -31,8 +31,15 @@ def test_the_dry_run_walks_every_step_and_writes_the_json(tmp_path):
     assert "FAILED" not in log and "SKIPPED" not in log
     assert log.count("dry run: skipped (device only)") >= 5
     assert "shapes: 0 mismatches" in log
+    # every operator on every tail shape (a shadowed name once skipped all but the first)
+    for V in (2049, 4097):
+        for N in (1, 5):
+            assert f"topk_kl/topk_logp V={V} N={N} ok" in log
+            assert f"lens_entropy V={V} N={N} topk={V} ok" in log
     smoke = json.load(open(tmp_path / "smoke.json"))
-    assert [r["op"] for r in smoke["rows"]] == ["lens_entropy", "lens_entropy", "topk_kl", "spot_check"]
+    assert [r["op"] for r in smoke["rows"]] == ["lens_entropy", "lens_entropy", "topk_kl", "topk_kl_recompute",
+                                                "topk_kl_logq_vs_recompute", "spot_check"]
+    assert smoke["rows"][4]["grads_equal"] is True
     assert smoke["rows"][-1]["topk_index_agreement"] == 1.0
     replay = json.load(open(tmp_path / "bench_replay_1024.json"))
     assert len(replay["rows"]) == 1 and replay["rows"][0]["ours_seconds"] > 0
