@@ -10,20 +10,27 @@
 //     float accumulation; float32 stays float32 (plain at::mm, which obeys
 //     torch's allow_tf32 flag, off by default) and float64 stays float64.
 //     Without norm_weight xn = hidden (no copy).
-//  b. The vocabulary is walked in chunks of vc rows (and, for very large N,
-//     the rows in chunks of nr): logits = xn[nr] @ unembed[vc].T into a
-//     [nr, vc] buffer of type L (float32; float64 for float64 inputs), at most
-//     256 MiB, produced by at::mm with out_dtype=float32 for half/bf16.
+//  b. The vocabulary is walked in chunks of vc rows (and, for large N, the
+//     rows in chunks of nr): logits = xn[nr] @ unembed[vc].T into a [nr, vc]
+//     buffer of type L (float32; float64 for float64 inputs), at most 256 MiB,
+//     produced by at::mm with out_dtype=float32 for half/bf16. Vocabulary
+//     chunks are at least 16384 wide (rows are chunked first): at N = 4096,
+//     V = 152064 that is 16384 (10 chunks), at N = 16384 it is 16384 over row
+//     chunks of 4096, not 4096-wide chunks whose per-chunk passes (state,
+//     top-k threshold, launch) would dominate; at N <= 2048 it is >= 32768.
 //  c. lens_chunk_kernel, one block of 256 threads per row of the chunk, reads
 //     each logit once, in tiles of 2048 (8 per thread, coalesced):
-//     - softmax statistics: per thread a running max m (type L) and, in
-//       double, s = sum exp(z-m), t = sum exp(z-m)(z-m). When the max grows by
-//       delta: s' = e^-delta s, t' = e^-delta (t - delta s) (from
-//       (z - m') = (z - m) - delta); two states merge the same way after
+//     - softmax statistics: per thread a running max m and s = sum exp(z-m),
+//       t = sum exp(z-m)(z-m), all in L (float; a thread sums vc / 256 terms
+//       per chunk, 64 at vc = 16384, so float loses nothing measurable). When
+//       the max grows by delta: s' = e^-delta s, t' = e^-delta (t - delta s)
+//       (from (z - m') = (z - m) - delta); two states merge the same way after
 //       moving both to the larger max. Per tile the thread takes the tile max
-//       first, so it rescales at most once per tile. At the end of the chunk
-//       the block merges the thread states (shuffles, then shared memory) and
-//       thread 0 merges the result into the row's global state [3, N].
+//       first, so it rescales at most once per tile, and a warp whose lanes'
+//       maxima all stay skips the rescale (a warp vote). At the end of the
+//       chunk the block merges the thread states in double (shuffles, then
+//       shared memory) and thread 0 merges the result into the row's global
+//       state [3, N] (double).
 //       Final: lse = m + log s, entropy = log s - t/s (no cancellation).
 //     - top-k: the row's running list R (the best min(topk, vocab seen so far)
 //       (value, index) pairs, sorted best first) lives in global memory,
@@ -91,7 +98,7 @@ constexpr int kCap = 2048;                  // candidate buffer (power of two)
 static_assert(kCap >= kTile, "a whole tile must fit in the candidate buffer");
 static_assert((kCap & (kCap - 1)) == 0, "bitonic sort needs a power of two");
 constexpr int64_t kLogitBufferBytes = int64_t{256} << 20;
-constexpr int64_t kMinVocabChunk = 4096;
+constexpr int64_t kMinVocabChunk = 16384;  // a multiple of kTile
 constexpr int kFinalizeThreads = 128;
 
 // ---- a. RMSNorm -------------------------------------------------------------
@@ -260,9 +267,9 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
   const L* z_row = logits + static_cast<int64_t>(blockIdx.x) * vc;
   const L kNegInf = -std::numeric_limits<L>::infinity();
 
-  // Per-thread softmax state.
+  // Per-thread softmax state (merged in double at the end of the chunk).
   L m = kNegInf;
-  double s = 0.0, t = 0.0;
+  L s = L(0), t = L(0);
 
   // Top-k state; identical in every thread of the block.
   int cur = 0;          // 0: (va, ia) holds R, 1: (vb, ib)
@@ -293,14 +300,15 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
       z[it] = e < rem ? z_row[base + e] : kNegInf;
       if (e < rem && z[it] > tmax) tmax = z[it];
     }
-    // Softmax statistics (one rescale per tile at most).
-    if (tmax > m) {
-      if (s != 0.0) {
-        const double dl = static_cast<double>(tmax) - static_cast<double>(m);
-        const double sc = exp(-dl);
-        if (sc == 0.0) {  // the earlier terms vanish against the new max (no 0 * inf from dl * s)
-          s = 0.0;
-          t = 0.0;
+    // Softmax statistics (one rescale per tile at most; the loop bounds are
+    // block-uniform, so every lane is here for the vote).
+    if (__any_sync(0xffffffffu, tmax > m) && tmax > m) {
+      if (s != L(0)) {
+        const L dl = tmax - m;
+        const L sc = acc_exp(-dl);
+        if (sc == L(0)) {  // the earlier terms vanish against the new max (no 0 * inf from dl * s)
+          s = L(0);
+          t = L(0);
         } else {
           t = sc * (t - dl * s);
           s *= sc;
@@ -308,8 +316,8 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
       }
       m = tmax;
       if (m == -kNegInf) {  // a +inf logit: lse = +inf, entropy NaN (as torch); s != 0 keeps the state
-        s = 1.0;
-        t = 0.0;
+        s = L(1);
+        t = L(0);
       }
     }
     if (m != -kNegInf && m != kNegInf) {  // +inf: see above; all -inf so far: nothing to add (not NaN)
@@ -319,8 +327,8 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
           const L d = z[it] - m;
           const L ex = acc_exp(d);
           if (ex != L(0)) {  // a -inf logit adds nothing, not 0 * -inf
-            s += static_cast<double>(ex);
-            t += static_cast<double>(ex) * static_cast<double>(d);
+            s += ex;
+            t += ex * d;
           }
         }
       }
@@ -402,19 +410,19 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
     if (tid == 0) cur_g[row] = static_cast<uint8_t>(cur);
   }
 
-  // Block merge of the softmax states, then into the row's global state.
-  double md = static_cast<double>(m);
+  // Block merge of the softmax states in double, then into the row's global state.
+  double md = static_cast<double>(m), sd = static_cast<double>(s), td = static_cast<double>(t);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const double om = __shfl_xor_sync(0xffffffffu, md, o);
-    const double os = __shfl_xor_sync(0xffffffffu, s, o);
-    const double ot = __shfl_xor_sync(0xffffffffu, t, o);
-    merge_state(md, s, t, om, os, ot);
+    const double os = __shfl_xor_sync(0xffffffffu, sd, o);
+    const double ot = __shfl_xor_sync(0xffffffffu, td, o);
+    merge_state(md, sd, td, om, os, ot);
   }
   if (lane == 0) {
     s_red[warp] = md;
-    s_red[kWarps + warp] = s;
-    s_red[2 * kWarps + warp] = t;
+    s_red[kWarps + warp] = sd;
+    s_red[2 * kWarps + warp] = td;
   }
   __syncthreads();
   if (tid == 0) {

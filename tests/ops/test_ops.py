@@ -102,6 +102,22 @@ def test_lens_entropy_many_rows_large_vocab(device, dtype, norm):
     assert checked > 0.5 or logit_tol > 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_lens_entropy_over_row_and_vocabulary_chunks(dtype):
+    """N = 4100, V = 40000: the CUDA kernel walks rows in chunks of 4096 (+ 4) and
+    the vocabulary in chunks of 16384 (+ 16384 + 7232), each thread summing its
+    share of a chunk in float and the block merging in double."""
+    hidden, unembed, weight = make_lens(4100, 40000, 16, dtype, "cuda", seed=5)
+    ent, lse, vals, idx = ops.lens_entropy(hidden, unembed, weight, 1e-6, 50)
+    r_ent, r_lse, r_vals, r_idx = ref.lens_entropy(f64(hidden), f64(unembed), f64(weight), 1e-6, 50)
+    tol = TOL[dtype]
+    assert rel_err(ent, r_ent) <= tol and rel_err(lse, r_lse) <= tol and rel_err(vals, r_vals) <= tol
+    if dtype == torch.float32:  # indices: exact where the oracle's values are apart
+        logits = ref.lens_logits(f64(hidden), f64(unembed), f64(weight), 1e-6)
+        assert check_topk_indices(idx, r_idx, r_vals, logits, 50, 1e-5 * float(logits.abs().max())) > 0.5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lens_entropy_ties_break_to_lower_index(device, dtype):
     # Small integers give exact dot products, so ties are exact ties.
