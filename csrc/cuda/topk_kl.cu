@@ -57,6 +57,20 @@ struct alignas(sizeof(T) * N) VecT {
   T v[N];
 };
 
+// r = 1 / sqrt(mean(h^2) + eps) of one row, a block reduction: the forward and
+// both backward paths call this one function, so they get the same r bitwise.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t row_rms_r(const scalar_t* __restrict__ h_row, acc_t eps, int64_t D,
+                                           acc_t* red) {
+  acc_t ss = acc_t(0);
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    const acc_t x = static_cast<acc_t>(h_row[d]);
+    ss += x * x;
+  }
+  ss = block_sum<kWarps>(ss, red);
+  return acc_t(1) / acc_sqrt(ss / static_cast<acc_t>(D) + eps);
+}
+
 // Steps 1-2 for one row: fills X with xn (acc_t) and Z with the k gathered
 // logits, returns r (1 without norm). Ends with a barrier, so X and Z are
 // visible to the whole block afterwards.
@@ -68,13 +82,7 @@ __device__ acc_t gathered_logits(const scalar_t* __restrict__ h_row,
                                  acc_t* Z, acc_t* red) {
   acc_t r = acc_t(1);
   if (w != nullptr) {
-    acc_t ss = acc_t(0);
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      const acc_t x = static_cast<acc_t>(h_row[d]);
-      ss += x * x;
-    }
-    ss = block_sum<kWarps>(ss, red);
-    r = acc_t(1) / acc_sqrt(ss / static_cast<acc_t>(D) + eps);
+    r = row_rms_r<scalar_t, acc_t>(h_row, eps, D, red);
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       X[d] = static_cast<acc_t>(h_row[d]) * r * static_cast<acc_t>(w[d]);
     }
@@ -221,17 +229,9 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
   const double g = static_cast<double>(grad_kl[i]);
   acc_t r = acc_t(1);
   if (logq_in != nullptr) {
-    // From the forward's log q: only r again (the same reduction as the
-    // forward's, so the same value), then gz_j as below, bitwise.
-    if (w != nullptr) {
-      acc_t ss = acc_t(0);
-      for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-        const acc_t x = static_cast<acc_t>(h_row[d]);
-        ss += x * x;
-      }
-      ss = block_sum<kWarps>(ss, s_acc);
-      r = acc_t(1) / acc_sqrt(ss / static_cast<acc_t>(D) + eps);
-    }
+    // From the forward's log q: only r again (row_rms_r, as the forward), then
+    // gz_j as logits_to_grad makes it, bitwise when log q has the targets' type.
+    if (w != nullptr) r = row_rms_r<scalar_t, acc_t>(h_row, eps, D, s_acc);
     int bad = 0;
     for (int64_t j = threadIdx.x; j < k; j += kThreads) {
       bad |= idx_row[j] < 0 || idx_row[j] >= vocab;

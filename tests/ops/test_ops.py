@@ -235,15 +235,20 @@ def test_topk_kl_gradcheck(device, norm):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
 # (M, V, D, k): the common case; on CUDA D = 8200/8201 keeps xn in global scratch
-# (over 32 KiB), vectorised or not, and k = 1500 with it moves the logits there too.
-@pytest.mark.parametrize("shape", [(37, 2003, 72, 50), (3, 2003, 8200, 1500), (2, 2003, 8201, 7)],
-                         ids=lambda s: "M%d-V%d-D%d-k%d" % s)
-def test_topk_kl_backward_from_the_saved_logq_is_bitwise_the_recomputing_one(device, dtype, norm, shape):
+# (over 32 KiB), vectorised or not, and D = 8192 with k = 2049 fills the shared
+# memory with xn so that the logits go to global scratch (float accumulation).
+@pytest.mark.parametrize("shape", [(37, 2003, 72, 50), (3, 2003, 8200, 1500), (2, 2003, 8201, 7),
+                                   (2, 4099, 8192, 2049)], ids=lambda s: "M%d-V%d-D%d-k%d" % s)
+@pytest.mark.parametrize("wide", [False, True], ids=["logp-result-dtype", "logp-float64"])
+def test_topk_kl_backward_from_the_saved_logq_is_bitwise_the_recomputing_one(device, dtype, norm, shape, wide):
     """ops.topk_kl keeps log q for its backward (topk_kl_logq): the same kl and the
-    same gradient, bit for bit, as torch.ops.actreplay.topk_kl, which recomputes it."""
+    same gradient, bit for bit, as torch.ops.actreplay.topk_kl, which recomputes it;
+    float64 targets of a float32/bf16/f16 model too (on CUDA they take the recomputing path)."""
+    if wide and dtype == torch.float64:
+        pytest.skip("float64 targets are the result dtype of a float64 model: the case above")
     m, v, d, k = shape
     h, U, w, idx, lp = make_kl(m, v, d, k, dtype, device, seed=11, norm=norm, with_zero_p=True)
-    if dtype == torch.float64:
+    if dtype == torch.float64 or wide:
         lp = lp.double()
     g = torch.randn(m, generator=torch.Generator().manual_seed(5)).to(device)
     grads, outs = [], []
