@@ -35,7 +35,9 @@ def lens_entropy(
     ``z = RMSNorm(hidden) @ unembed.T`` (RMSNorm in float32 when ``norm_weight``
     is given), reduced without materialising ``[N, V]`` logits. Returns
     ``(entropy[N], lse[N], topk_logits[N, topk], topk_idx[N, topk])``; top-k in
-    descending order, ties broken by lower index. Not differentiable.
+    descending order, ties broken by lower index. A row with a NaN logit has NaN
+    entropy and lse, and its top-k ranks NaN first (as ``torch.topk``); a +inf
+    logit gives lse +inf and entropy NaN. Not differentiable.
     """
     return _ops.lens_entropy(hidden, unembed, norm_weight, float(eps), int(topk))
 

@@ -39,10 +39,17 @@ def lens_logits(
 
 def topk_desc_lower_index(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries per row in descending order, equal values in
-    increasing index order (``torch.topk`` leaves tie order unspecified)."""
+    increasing index order (``torch.topk`` leaves tie order unspecified); NaN
+    is the largest value, as in ``torch.topk``."""
     if k == 0:
         n = logits.shape[0]
         return logits.new_empty((n, 0)), torch.empty((n, 0), dtype=torch.long, device=logits.device)
+    if bool(logits.isnan().any()):  # stable sorts: by value (NaN as +inf), then NaN first
+        by_value = logits.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+        order = by_value.argsort(dim=-1, descending=True, stable=True)
+        nan_first = logits.isnan().gather(1, order).int().argsort(dim=-1, descending=True, stable=True)
+        order = order.gather(1, nan_first)[:, :k]
+        return logits.gather(1, order), order
     kth = logits.topk(k, dim=-1).values[:, -1:]
     above = logits > kth
     at_kth = logits == kth

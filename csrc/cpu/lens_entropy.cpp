@@ -30,14 +30,18 @@ struct RowState {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   acc_t s = 0;
   acc_t t = 0;
+  bool nan = false;  // a NaN logit: lse and entropy are NaN (a max or a sum would drop it)
 };
 
 // Heap entry order: `a` is worse than `b` if it has a smaller value, or the same
-// value and a larger index. std::push_heap with this keeps the worst on top.
+// value and a larger index; NaN is the largest value (as torch.topk), which keeps
+// the order total. std::push_heap with this keeps the worst on top.
 template <typename acc_t>
 struct WorseFirst {
   bool operator()(const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& b) const {
     // "a before b in heap order" == a is better than b, so the top is the worst.
+    const bool an = a.first != a.first, bn = b.first != b.first;
+    if (an || bn) return an && (!bn || a.second < b.second);
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   }
 };
@@ -47,7 +51,12 @@ void fold_tile(const acc_t* z, int64_t n, int64_t v0, RowState<acc_t>& st, int64
                std::pair<acc_t, int64_t>* heap, int64_t& heap_size) {
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   acc_t tile_max = -kInf;
-  for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, z[j]);
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    tile_max = std::max(tile_max, z[j]);
+    nan |= z[j] != z[j];
+  }
+  st.nan |= nan;
   if (tile_max > st.m) {
     if (st.s > 0) {
       // Shift the reference point from m to tile_max: every (z - m) drops by d.
@@ -80,10 +89,11 @@ void fold_tile(const acc_t* z, int64_t n, int64_t v0, RowState<acc_t>& st, int64
     std::push_heap(heap, heap + heap_size, cmp);
   }
   // Indices only grow across the walk, so a later equal value never beats an
-  // entry already held: only strictly larger values enter.
+  // entry already held: only strictly larger values enter, and a NaN unless the
+  // threshold is NaN too.
   acc_t threshold = heap_size ? heap[0].first : std::numeric_limits<acc_t>::infinity();
   for (; j < n; ++j) {
-    if (z[j] > threshold) {
+    if (z[j] > threshold || (z[j] != z[j] && threshold == threshold)) {
       std::pop_heap(heap, heap + heap_size, cmp);
       heap[heap_size - 1] = {z[j], v0 + j};
       std::push_heap(heap, heap + heap_size, cmp);
@@ -136,7 +146,10 @@ void lens_entropy_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
     WorseFirst<acc_t> cmp;
     for (int64_t row = b; row < e; ++row) {
       const auto& st = state[row];
-      if (st.m == std::numeric_limits<acc_t>::infinity()) {
+      if (st.nan) {
+        ls[row] = std::numeric_limits<acc_t>::quiet_NaN();
+        ent[row] = ls[row];
+      } else if (st.m == std::numeric_limits<acc_t>::infinity()) {
         ls[row] = st.m;
         ent[row] = std::numeric_limits<acc_t>::quiet_NaN();
       } else {

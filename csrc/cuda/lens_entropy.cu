@@ -135,9 +135,17 @@ lens_rmsnorm_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restr
 // ---- c. per-chunk reduction -------------------------------------------------
 
 // Softmax state relative to its max m: s = sum e^(z-m), t = sum e^(z-m)(z-m).
-// Merges (m2, s2, t2) into (m1, s1, t1). s == 0 marks an empty state.
+// Merges (m2, s2, t2) into (m1, s1, t1). s == 0 marks an empty state, m = NaN
+// a state that saw a NaN logit, which absorbs every other.
 __device__ __forceinline__ void merge_state(double& m1, double& s1, double& t1, double m2,
                                             double s2, double t2) {
+  if (m1 != m1) return;
+  if (m2 != m2) {
+    m1 = m2;
+    s1 = s2;
+    t1 = t2;
+    return;
+  }
   if (s2 == 0.0) return;
   if (s1 == 0.0) {
     m1 = m2;
@@ -273,6 +281,7 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
   // Per-thread softmax state (merged in double at the end of the chunk).
   L m = kNegInf;
   L s = L(0), t = L(0);
+  bool nan = false;  // a NaN logit seen: the row's lse and entropy are NaN
 
   // Top-k state; identical in every thread of the block.
   int cur = 0;          // 0: (va, ia) holds R, 1: (vb, ib)
@@ -302,6 +311,7 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
       const int64_t e = it * kThreads + tid;
       z[it] = e < rem ? z_row[base + e] : kNegInf;
       if (e < rem && z[it] > tmax) tmax = z[it];
+      nan |= z[it] != z[it];
     }
     // Softmax statistics (one rescale per tile at most).
     if (tmax > m) {
@@ -414,6 +424,7 @@ lens_chunk_kernel(const L* __restrict__ logits, int64_t vc, int64_t v0, int64_t 
 
   // Block merge of the softmax states in double, then into the row's global state.
   double md = static_cast<double>(m), sd = static_cast<double>(s), td = static_cast<double>(t);
+  if (nan) md = sd = td = static_cast<double>(NAN);  // absorbs every state it meets in merge_state
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const double om = __shfl_xor_sync(0xffffffffu, md, o);
@@ -451,7 +462,10 @@ lens_finalize_kernel(const double* __restrict__ st_m, const double* __restrict__
   if (threadIdx.x == 0) {
     const double sn = st_s[n];
     const double ls = log(sn);
-    if (isinf(st_m[n]) && st_m[n] > 0) {  // a +inf logit: lse = +inf, entropy NaN, as torch has them
+    if (isnan(st_m[n])) {  // a NaN logit: lse and entropy NaN
+      lse[n] = static_cast<L>(st_m[n]);
+      entropy[n] = static_cast<L>(st_m[n]);
+    } else if (isinf(st_m[n]) && st_m[n] > 0) {  // a +inf logit: lse = +inf, entropy NaN, as torch has them
       lse[n] = static_cast<L>(st_m[n]);
       entropy[n] = static_cast<L>(nan(""));
     } else {

@@ -119,6 +119,35 @@ def test_cuda_lens_entropy_over_row_and_vocabulary_chunks(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("topk", [1, 5, 3000])
+def test_lens_entropy_rows_with_nan_logits_are_nan(device, dtype, topk):
+    """A row with any NaN logit has NaN lse and entropy (a max or a sum that skipped
+    the NaN once gave -inf or a finite number), also when every logit is NaN; the
+    other rows are untouched, and top-k puts NaN first, lower index first, as
+    torch.topk ranks NaN above every number."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 16, generator=g, dtype=dtype)
+    U = torch.randn(3000, 16, generator=g, dtype=dtype)
+    h[1, 3] = float("nan")  # every logit of row 1 is NaN
+    nan_row = U.clone()
+    nan_row[7] = 0.0
+    nan_row[7, 0] = float("nan")  # logit 7 of every row is NaN
+    ent, lse, vals, idx = ops.lens_entropy(h.to(device), nan_row.to(device), None, 1e-6, topk)
+    assert ent.isnan().all() and lse.isnan().all()
+    assert idx.cpu()[:, 0].tolist() == [7, 0, 7, 7, 7] and vals.isnan().cpu()[:, 0].all()
+
+    ent, lse, vals, idx = ops.lens_entropy(h.to(device), U.to(device), None, 1e-6, topk)
+    r_ent, r_lse, r_vals, r_idx = ref.lens_entropy(f64(h), f64(U), None, 1e-6, topk)
+    assert ent[1].isnan() and lse[1].isnan() and r_lse[1].isnan()
+    assert idx.cpu()[1].tolist() == list(range(topk)) == r_idx[1].tolist()  # all NaN: in index order
+    keep = torch.tensor([0, 2, 3, 4])
+    assert rel_err(ent.cpu()[keep], r_ent[keep]) <= TOL[dtype] and rel_err(lse.cpu()[keep], r_lse[keep]) <= TOL[dtype]
+    logits = ref.lens_logits(f64(h), f64(U), None, 1e-6)[keep]
+    assert check_topk_indices(idx[keep.to(idx.device)], r_idx[keep], r_vals[keep], logits, topk,
+                              1e-5 * float(logits.abs().max())) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lens_entropy_ties_break_to_lower_index(device, dtype):
     # Small integers give exact dot products, so ties are exact ties.
     g = torch.Generator().manual_seed(3)
