@@ -197,12 +197,9 @@ def bench_compile(args, layers):
 
 
 def compile_summary(rows):
+    from statistics import median
+
     warm = rows[1:]
-
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
-
     return dict(cold_eager_seconds=rows[0]["eager_seconds"], cold_compiled_seconds=rows[0]["compiled_seconds"],
                 warm_eager_median_seconds=median([r["eager_seconds"] for r in warm]),
                 warm_compiled_median_seconds=median([r["compiled_seconds"] for r in warm]),

@@ -135,6 +135,19 @@ __device__ __forceinline__ void row_buffers(acc_t* xg, acc_t* zg, int64_t i, int
   Z = zg != nullptr ? zg + i * k : s + (xg != nullptr ? 0 : D);
 }
 
+// log-sum-exp of the k logits in Z, in double (a block reduction): the one
+// function the forward and the recomputing backward both take it from.
+template <typename acc_t>
+__device__ __forceinline__ double block_lse(const acc_t* Z, int64_t k, double* s_red) {
+  double mz = -std::numeric_limits<double>::infinity();
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
+  mz = block_max<kWarps>(mz, s_red);
+  double se = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
+  se = block_sum<kWarps>(se, s_red);
+  return mz + log(se);
+}
+
 // log q_j = z_j - lse in double, rounded to the targets' type: the one value of
 // log q that topk_logp (the targets), the KL and its backward all use, so a
 // model replayed against an exact copy of itself has KL and gradient exactly 0.
@@ -162,13 +175,7 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
   const lp_t* lp_row = target_logp + i * k;
   gathered_logits<scalar_t, acc_t, VEC>(hidden + i * D, U, w, eps, D, idx_row, k, X, Z, s_acc);
 
-  double mz = -std::numeric_limits<double>::infinity();
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
-  mz = block_max<kWarps>(mz, s_red);
-  double se = 0.0;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
-  se = block_sum<kWarps>(se, s_red);
-  const double lse = mz + log(se);
+  const double lse = block_lse(Z, k, s_red);
   if (logq_out != nullptr) {  // topk_logp, topk_kl_logq: the log q the KL below reads
     for (int64_t j = threadIdx.x; j < k; j += kThreads)
       logq_out[i * k + j] = static_cast<acc_t>(logq<lp_t>(Z[j], lse));
@@ -190,13 +197,7 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
 template <typename lp_t, typename acc_t>
 __device__ void logits_to_grad(acc_t* Z, const lp_t* __restrict__ lp_row, int64_t k, double g,
                                double* s_red) {
-  double mz = -std::numeric_limits<double>::infinity();
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) mz = fmax(mz, static_cast<double>(Z[j]));
-  mz = block_max<kWarps>(mz, s_red);
-  double se = 0.0;
-  for (int64_t j = threadIdx.x; j < k; j += kThreads) se += exp(static_cast<double>(Z[j]) - mz);
-  se = block_sum<kWarps>(se, s_red);
-  const double lse = mz + log(se);
+  const double lse = block_lse(Z, k, s_red);
   // Each thread rewrites only the Z entries it read itself above.
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
     const double q = exp(static_cast<double>(logq<lp_t>(Z[j], lse)));
