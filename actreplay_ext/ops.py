@@ -82,16 +82,12 @@ def topk_kl(
     from the ``k`` gathered unembedding rows only. Differentiable in ``hidden``; the
     gradient takes each row of ``p`` to sum to 1 (log-probabilities, as targets are).
 
-    The forward keeps ``log q`` [M, k] and the backward reads it instead of
-    recomputing the ``k`` dot products of each row (``topk_kl_logq``; the same
+    The forward keeps ``log q`` [M, k] (in the result type, float32 or float64 for
+    float64 inputs, whatever the targets' type) and the backward reads it instead
+    of recomputing the ``k`` dot products of each row (``topk_kl_logq``: the same
     values and gradients, bitwise, as ``torch.ops.actreplay.topk_kl``, which
-    recomputes them and is what runs on other devices, and on CUDA when the
-    targets are wider than the result type: float64 targets of a float32 or
-    bf16 model, whose log q would be rounded to float32 to be kept)."""
-    if hidden.device.type == "cpu" or (hidden.device.type == "cuda" and
-                                       (target_logp.dtype == torch.float32 or hidden.dtype == torch.float64)):
-        return _ops.topk_kl_logq(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)[0]
-    return _ops.topk_kl(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)
+    recomputes them)."""
+    return _ops.topk_kl_logq(hidden, unembed, norm_weight, float(eps), target_idx, target_logp)[0]
 
 
 def topk_logp(

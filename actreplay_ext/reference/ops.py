@@ -100,10 +100,11 @@ def select_tokens(
     value: Union[float, Sequence[float]] = 0.4,
     side: str = "low",
 ) -> torch.Tensor:
+    """The mask lives on ``entropy``'s device, whatever device ``candidates`` is on."""
     L, N = entropy.shape
     values = _layer_values(value, L)
     mask = torch.zeros(L, N, dtype=torch.bool, device=entropy.device)
-    cand_idx = candidates.nonzero().flatten()
+    cand_idx = candidates.to(entropy.device).nonzero().flatten()
     if cand_idx.numel() == 0:
         return mask
     for layer in range(L):

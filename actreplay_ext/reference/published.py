@@ -67,7 +67,8 @@ def _base_targets(b_ad, b_in, vis_pos, cfg):
             targets.append(logits[vis_pos].topk(cfg.topv, dim=-1))
     n_vis = int(vis_pos.numel())
     rule, value = cfg.selection_value(n_vis)
-    mask = select_tokens(torch.stack(entropies), torch.ones(n_vis, dtype=torch.bool), rule, value, cfg.select)
+    ent = torch.stack(entropies)
+    mask = select_tokens(ent, torch.ones(n_vis, dtype=torch.bool, device=ent.device), rule, value, cfg.select)
     mask[:cfg.inject_layer] = False
     for l in range(cfg.depth):  # with layers=[...], the layers not listed select nothing
         if l not in cfg.replay_layers:
@@ -85,7 +86,8 @@ def _rlvr_hooks(r_ad, vis_pos, delta, acts, cfg):
 
     def offset(mod, args, kwargs):
         h = args[0].clone()
-        h[0, vis_pos] = (h[0, vis_pos].float() + delta).to(h.dtype)
+        vp = vis_pos.to(h.device)  # the models and their inputs may live on other devices
+        h[0, vp] = (h[0, vp].float() + delta.to(h.device)).to(h.dtype)
         acts["in", m] = h
         return (h,) + tuple(args[1:]), kwargs
 
@@ -111,7 +113,7 @@ def published_replay(rlvr, base, inputs, config=None):
     n_vis = int(vis_pos.numel())
     sel, t_idx, t_p, D = _base_targets(b_ad, b_in, vis_pos, cfg)
 
-    delta = torch.zeros(n_vis, D, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(n_vis, D, dtype=torch.float32, device=r_in["input_ids"].device, requires_grad=True)
     acts = {}
     W_r, w_r, eps_r = r_ad.unembed(), r_ad.lens_norm_weight(), r_ad.norm_eps()
     side = "in" if cfg.alignment == "published" else "out"
@@ -119,15 +121,16 @@ def published_replay(rlvr, base, inputs, config=None):
     for _ in range(cfg.steps):
         acts.clear()
         _forward(r_ad, rlvr, r_in, _rlvr_hooks(r_ad, vis_pos, delta, acts, cfg), grad=True)  # the whole model
-        loss = torch.zeros((), dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=W_r.device)
         with torch.enable_grad():
             for l in range(cfg.inject_layer, cfg.depth):
                 if sel[l].numel() == 0:
                     continue
-                r = acts[side, l][0, vis_pos[sel[l]]]
+                h_l = acts[side, l]
+                r = h_l[0, vis_pos[sel[l].to(vis_pos.device)].to(h_l.device)].to(W_r.device)
                 logits = lens_logits(r, W_r, w_r, eps_r)  # [|S_l|, V]
-                q = torch.log_softmax(logits.gather(1, t_idx[l]), -1)
-                p = t_p[l]
+                q = torch.log_softmax(logits.gather(1, t_idx[l].to(W_r.device)), -1)
+                p = t_p[l].to(W_r.device)
                 loss = loss + (p * (torch.log(p) - q)).sum(-1).mean()
             if cfg.normalize:
                 loss = loss / n_vis
@@ -173,12 +176,15 @@ def published_direct(rlvr, base, inputs, config):
     _, r_outs, _ = run(r_ad, rlvr, r_in)
     e_b, e_r = entropies(b_ad, b_outs), entropies(r_ad, r_outs)
     tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[0].bool()
-    masks = [tokens & (e_b[l] < thresholds[l]) & (e_b[l] < e_r[l]) if l in thresholds else torch.zeros_like(tokens)
-             for l in range(L)]
+    dev = e_b[0].device
+    tokens = tokens.to(dev)
+    masks = [tokens & (e_b[l] < thresholds[l]) & (e_b[l] < e_r[l].to(dev)) if l in thresholds
+             else torch.zeros_like(tokens) for l in range(L)]
 
     def replace(l, args, kwargs):
         h = args[0].clone()
-        h[0, masks[l]] = b_ins[l][0, masks[l]].to(h.dtype)
+        b = b_ins[l]
+        h[0, masks[l].to(h.device)] = b[0, masks[l].to(b.device)].to(h.device, h.dtype)
         return (h,) + tuple(args[1:]), kwargs
 
     _, _, logits = run(r_ad, rlvr, r_in, pre_hook=replace)

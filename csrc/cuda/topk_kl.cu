@@ -13,8 +13,9 @@
 //      small, so this costs nothing and avoids cancellation in KL ~ 0):
 //      kl = sum_j p_j (lp_j - (z_j - lse_z)), p_j = exp(lp_j); p_j == 0 terms
 //      (lp_j = -inf) are skipped, so they contribute exactly 0, never NaN.
-//   log q_j is rounded to the targets' type (logq()), the value topk_logp
-//   returns, so targets made by topk_logp from the same rows give KL 0 exactly.
+//   log q_j is rounded to the result type (logq(): float32, float64 for a
+//   float64 model), the value topk_logp returns, so targets made by topk_logp
+//   from the same rows give KL 0 exactly, whatever the targets' own type.
 //   topk_kl_logq's forward also writes that log q ([M, k]); its backward then
 //   skips step 2 (only r is recomputed, one D-long reduction) and reads log q,
 //   so the unembedding rows are read once per step instead of twice.
@@ -148,12 +149,15 @@ __device__ __forceinline__ double block_lse(const acc_t* Z, int64_t k, double* s
   return mz + log(se);
 }
 
-// log q_j = z_j - lse in double, rounded to the targets' type: the one value of
-// log q that topk_logp (the targets), the KL and its backward all use, so a
-// model replayed against an exact copy of itself has KL and gradient exactly 0.
-template <typename lp_t, typename acc_t>
-__device__ __forceinline__ lp_t logq(acc_t z, double lse) {
-  return static_cast<lp_t>(static_cast<double>(z) - lse);
+// log q_j = z_j - lse in double, rounded to the result type acc_t: the one
+// value of log q that topk_logp (the targets), the KL, the log q the forward
+// keeps and both backwards use, so a model replayed against an exact copy of
+// itself has KL and gradient exactly 0. (Not the targets' type: float32
+// targets of a float64 model would round the float64 KL to float32 accuracy,
+// and gradcheck's finite differences would see that noise.)
+template <typename acc_t>
+__device__ __forceinline__ acc_t logq(acc_t z, double lse) {
+  return static_cast<acc_t>(static_cast<double>(z) - lse);
 }
 
 template <typename scalar_t, typename lp_t, int VEC>
@@ -178,7 +182,7 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
   const double lse = block_lse(Z, k, s_red);
   if (logq_out != nullptr) {  // topk_logp, topk_kl_logq: the log q the KL below reads
     for (int64_t j = threadIdx.x; j < k; j += kThreads)
-      logq_out[i * k + j] = static_cast<acc_t>(logq<lp_t>(Z[j], lse));
+      logq_out[i * k + j] = logq(Z[j], lse);
     if (kl_out == nullptr) return;  // topk_logp
   }
   double kl = 0.0;
@@ -186,7 +190,7 @@ topk_kl_fwd_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restri
     const double lp = static_cast<double>(lp_row[j]);
     const double p = exp(lp);
     if (p == 0.0) continue;  // lp = -inf (or underflow): contributes exactly 0
-    kl += p * (lp - static_cast<double>(logq<lp_t>(Z[j], lse)));
+    kl += p * (lp - static_cast<double>(logq(Z[j], lse)));
   }
   kl = block_sum<kWarps>(kl, s_red);
   if (threadIdx.x == 0) kl_out[i] = static_cast<acc_t>(kl);
@@ -200,7 +204,7 @@ __device__ void logits_to_grad(acc_t* Z, const lp_t* __restrict__ lp_row, int64_
   const double lse = block_lse(Z, k, s_red);
   // Each thread rewrites only the Z entries it read itself above.
   for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-    const double q = exp(static_cast<double>(logq<lp_t>(Z[j], lse)));
+    const double q = exp(static_cast<double>(logq(Z[j], lse)));
     const double p = exp(static_cast<double>(lp_row[j]));
     Z[j] = static_cast<acc_t>(g * (q - p));
   }
@@ -231,7 +235,7 @@ topk_kl_bwd_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
   acc_t r = acc_t(1);
   if (logq_in != nullptr) {
     // From the forward's log q: only r again (row_rms_r, as the forward), then
-    // gz_j as logits_to_grad makes it, bitwise when log q has the targets' type.
+    // gz_j as logits_to_grad makes it, bitwise (the same rounded log q).
     if (w != nullptr) r = row_rms_r<scalar_t, acc_t>(h_row, eps, D, s_acc);
     int bad = 0;
     for (int64_t j = threadIdx.x; j < k; j += kThreads) {

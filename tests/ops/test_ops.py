@@ -255,10 +255,29 @@ def test_topk_kl_backward_matches_oracle(device, dtype, norm):
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
-def test_topk_kl_gradcheck(device, norm):
+@pytest.mark.parametrize("lp_dtype", [torch.float32, torch.float64], ids=["logp32", "logp64"])
+@pytest.mark.parametrize("op", ["ops", "recomputing"])
+def test_topk_kl_gradcheck(device, norm, lp_dtype, op):
+    """float64 gradients against finite differences, with zero target probabilities,
+    from float32 or float64 targets. On CUDA, float32 targets once rounded the float64
+    model's log q to float32: the KL lost float64 accuracy and gradcheck failed."""
     h, U, w, idx, lp = make_kl(4, 50, 12, 7, torch.float64, device, seed=4, norm=norm, with_zero_p=True)
+    lp = lp.to(lp_dtype)
+    fn = ops.topk_kl if op == "ops" else torch.ops.actreplay.topk_kl
     h.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: ops.topk_kl(x, U, w, 1e-6, idx, lp), (h,))
+    assert torch.autograd.gradcheck(lambda x: fn(x, U, w, 1e-6, idx, lp), (h,))
+
+
+@pytest.mark.parametrize("lp_dtype", [torch.float32, torch.float64], ids=["logp32", "logp64"])
+def test_topk_kl_of_a_float64_model_is_float64_accurate(device, lp_dtype):
+    """The float64 KL and log q keep float64 accuracy whatever the targets' type."""
+    h, U, w, idx, lp = make_kl(16, 300, 40, 20, torch.float64, device, seed=9, with_zero_p=True)
+    lp = lp.to(lp_dtype)
+    kl, logq = torch.ops.actreplay.topk_kl_logq(h, U, w, 1e-6, idx, lp)
+    expect = ref.topk_kl(h.cpu(), U.cpu(), w.cpu(), 1e-6, idx.cpu(), lp.cpu().double())
+    assert kl.dtype == logq.dtype == torch.float64
+    assert rel_err(kl, expect) <= 1e-12
+    assert torch.equal(logq, ops.topk_logp(h, U, w, 1e-6, idx))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -272,7 +291,7 @@ def test_topk_kl_gradcheck(device, norm):
 def test_topk_kl_backward_from_the_saved_logq_is_bitwise_the_recomputing_one(device, dtype, norm, shape, wide):
     """ops.topk_kl keeps log q for its backward (topk_kl_logq): the same kl and the
     same gradient, bit for bit, as torch.ops.actreplay.topk_kl, which recomputes it;
-    float64 targets of a float32/bf16/f16 model too (on CUDA they take the recomputing path)."""
+    float64 targets of a float32/bf16/f16 model too (log q is kept in the result type)."""
     if wide and dtype == torch.float64:
         pytest.skip("float64 targets are the result dtype of a float64 model: the case above")
     m, v, d, k = shape
