@@ -12,6 +12,7 @@ Environment switches:
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -77,6 +78,47 @@ def _pip_cuda_include_dirs():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _process_libstdcxx():
+    """The libstdc++ this process has loaded (torch's libraries load it), or None.
+
+    The extension links it explicitly, so that it calls the C++ runtime torch
+    calls. A compiler that links libstdc++ statically (a wrapper adding
+    -static-libstdc++, or a toolchain with only libstdc++.a) would otherwise put
+    a private copy into _C, and with -Bsymbolic-functions (Debian/Ubuntu
+    Python's LDSHARED) _C calls that copy on streams set up by the shared one:
+    every number formatted into an error message was lost or crashed the
+    process (seen on an H200 machine whose CXX was such a compiler)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[5]).startswith("libstdc++.so"):
+                    return fields[5]
+    except OSError:
+        pass
+    return None
+
+
+def _needed_libraries(path):
+    """The DT_NEEDED entries of a shared object, or None when readelf is missing."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True, check=True).stdout
+    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
+
+
+def _check_shared_libstdcxx(path):
+    needed = _needed_libraries(path)
+    if needed is not None and not any(n.startswith("libstdc++.so") for n in needed):
+        raise RuntimeError(
+            f"actreplay_ext: {path} does not load the shared libstdc++ (it needs {needed}): the compiler "
+            f"(CXX={os.environ.get('CXX', 'unset')!r}) linked a private static copy, which breaks error "
+            "messages and can crash the process. Build with a compiler that links libstdc++ dynamically "
+            "(e.g. CXX=g++)."
+        )
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -102,6 +144,9 @@ def _extensions():
     # without it (torch's OpenMP backend); torch ships the libgomp it loads.
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     link_flags = ["-fopenmp"]
+    libstdcxx = _process_libstdcxx()
+    if libstdcxx:
+        link_flags.append(libstdcxx)
     define_macros = [("ACTREPLAY_TORCH_VERSION", f'"{torch.__version__}"')]
     if with_cuda:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -170,11 +215,17 @@ def _extras():
 def main():
     from torch.utils.cpp_extension import BuildExtension
 
+    class BuildChecked(BuildExtension.with_options(use_ninja=True)):
+        def build_extensions(self):
+            super().build_extensions()
+            for ext in self.extensions:
+                _check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+
     setup(
         packages=find_packages(include=["actreplay_ext", "actreplay_ext.*"]),
         extras_require=_extras(),
         ext_modules=_extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildChecked},
     )
 
 

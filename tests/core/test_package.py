@@ -73,3 +73,32 @@ def test_a_source_tree_without_the_build_says_what_to_do(tmp_path):
     assert last.startswith("ImportError: actreplay_ext: the compiled extension actreplay_ext._C cannot be imported")
     assert "pip install --no-build-isolation ." in last and "build_ext --inplace" in last
     assert "circular import" not in out.stderr.lower()
+
+
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("actreplay_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # main() runs only as a script
+    return mod
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="ELF and readelf only")
+def test_the_extension_calls_the_processs_libstdcxx():
+    """_C loads the shared libstdc++ torch loads, never a private static copy: with one
+    (a compiler that linked libstdc++ statically, on an H200 machine) every number
+    in an error message was lost, or the process crashed at the first bad argument."""
+    import actreplay_ext._C as C
+
+    setup = _setup_module()
+    needed = setup._needed_libraries(C.__file__)
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+    loaded = setup._process_libstdcxx()
+    assert loaded and os.path.basename(loaded).startswith("libstdc++.so")
+    # and the build refuses an extension without it, naming the compiler
+    libc = next(line.split()[5] for line in open("/proc/self/maps") if len(line.split()) >= 6
+                and os.path.basename(line.split()[5]).startswith("libc.so"))  # needs no libstdc++
+    with pytest.raises(RuntimeError, match="does not load the shared libstdc\\+\\+.*CXX="):
+        setup._check_shared_libstdcxx(libc)
