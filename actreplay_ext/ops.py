@@ -33,7 +33,11 @@ def lens_entropy(
     """Logit-lens entropy, log-sum-exp and top-k of each row of ``hidden``.
 
     ``z = RMSNorm(hidden) @ unembed.T`` (RMSNorm in float32 when ``norm_weight``
-    is given), reduced without materialising ``[N, V]`` logits. Returns
+    is given), reduced without materialising ``[N, V]`` logits. Precision, on
+    every device: float32 and float64 inputs stay in their dtype; for bfloat16
+    and float16 the normalised hidden state is rounded to the input dtype (as the
+    model's own RMSNorm returns it) and the products and sums are float32 (the
+    tensor-core GEMM on CUDA). ``reference.lens_entropy`` is this contract. Returns
     ``(entropy[N], lse[N], topk_logits[N, topk], topk_idx[N, topk])``; top-k in
     descending order, ties broken by lower index. A row with a NaN logit has NaN
     entropy and lse, and its top-k ranks NaN first (as ``torch.topk``); a +inf

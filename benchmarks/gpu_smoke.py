@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_smoke.py bench  --out $OUT/smoke.json   # lens_entropy vs the bare GEMM, topk_kl, spot check
     python benchmarks/gpu_smoke.py shapes                         # the tail shapes, for compute-sanitizer
+    python benchmarks/gpu_smoke.py replay-step                    # one replay step of a small model, for memcheck
     python benchmarks/gpu_smoke.py bench --dry-run                # the same code on tiny CPU shapes (CI)
 
 `bench` prints one line per measurement, flushed, and rewrites the JSON after
@@ -179,9 +180,33 @@ def _select_and_scatter(g, dev) -> int:
     return bad
 
 
+def replay_step(args):
+    """One replay step of a small model on the device, end to end: the base pass,
+    the selection, one forward and backward of the loop and the offset update
+    (every operator and the hooks), checked against the same step on the CPU."""
+    import actreplay_ext as ar
+    from actreplay_ext import tiny
+
+    dev = "cpu" if args.dry_run else "cuda"
+    cfg = ar.ReplayConfig(layers=3, steps=1, lr=1e-3)
+    base, rlvr = tiny.make_pair("qwen2_5_vl")
+    inputs = tiny.make_inputs(rlvr, images=[(8, 8), (4, 6)], seed=2)
+    expected = ar.optimize(rlvr, inputs, ar.compute_targets(base, inputs, cfg), cfg)
+    base, rlvr = base.to(dev), rlvr.to(dev)
+    moved = {k: v.to(dev) for k, v in inputs.items()}
+    got = ar.optimize(rlvr, moved, ar.compute_targets(base, moved, cfg), cfg)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    diff = float((got.deltas.cpu() - expected.deltas).abs().max() / expected.deltas.abs().max().clamp_min(1e-30))
+    ok = got.selected == expected.selected and sum(got.selected) > 0 and diff <= 1e-2
+    print(f"replay step: selected {got.selected}, loss {got.losses[0]:.4g}, offsets vs CPU {diff:.1e} "
+          f"{'ok' if ok else 'MISMATCH'}", flush=True)
+    return 0 if ok else 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["bench", "shapes"])
+    p.add_argument("what", choices=["bench", "shapes", "replay-step"])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (what CI runs)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (bench), rewritten after every row")
@@ -191,7 +216,7 @@ def main(argv=None):
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
-    return bench(args) if args.what == "bench" else shapes(args)
+    return {"bench": bench, "shapes": shapes, "replay-step": replay_step}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,16 @@ def lens_entropy(
     eps: float = 1e-6,
     topk: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operator's contract: for float16/bfloat16 inputs the normalised hidden
+    state is rounded to the input dtype (as the model's RMSNorm returns it, and
+    as the CUDA GEMM reads it) and the products and sums are float32; float32
+    and float64 inputs keep their own precision throughout."""
     if topk < 0 or topk > unembed.shape[0]:
         raise ValueError(f"topk must be in [0, V={unembed.shape[0]}], got {topk}")
-    logits = lens_logits(hidden, unembed, norm_weight, eps)
+    x = rms_norm(hidden, norm_weight, eps)
+    if hidden.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(hidden.dtype).to(x.dtype)
+    logits = x @ unembed.to(x.dtype).T
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits - lse[:, None]
     # A -inf logit has probability 0 and adds 0 (not 0 * -inf); a +inf one makes the row NaN, as in torch.

@@ -9,16 +9,6 @@
 
 namespace actreplay {
 
-// float32 RMSNorm exactly as the SPEC writes it, h * rsqrt(mean(h^2) + eps) * w,
-// in the accumulation dtype; without a weight, just the cast.
-inline at::Tensor rms_normalize(const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
-                                double eps, at::ScalarType acc_dtype) {
-  at::Tensor x = hidden.to(acc_dtype);
-  if (!weight.has_value() || !weight->defined()) return x.contiguous();
-  const at::Tensor r = at::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return (x * r * weight->to(acc_dtype)).contiguous();
-}
-
 // exp(x) for x <= 0 in float32, to about 1 ulp: Cody-Waite range reduction
 // x = n ln2 + r, |r| <= ln2/2, and a degree-7 polynomial for exp(r). Written
 // branch-free so the compiler vectorises the loops that call it.

@@ -14,10 +14,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
 #include "cpu/fast_math.h"
+#include "rms_norm.h"
 
 namespace actreplay {
 namespace {
@@ -111,7 +113,11 @@ void lens_entropy_kernel(const at::Tensor& hidden, const at::Tensor& unembed,
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t N = hidden.size(0), V = unembed.size(0);
 
-  const at::Tensor xn = rms_normalize(hidden, norm_weight, eps, acc_dtype);  // [N, D] acc_t
+  at::Tensor xn = rms_normalize(hidden, norm_weight, eps, acc_dtype);  // [N, D] acc_t
+  // The lens contract for half/bf16 (as CUDA, whose GEMM reads it so, and as the
+  // model's own RMSNorm returns it): xn rounded to the input dtype, products
+  // and sums in float32.
+  if (!std::is_same_v<scalar_t, acc_t>) xn = xn.to(hidden.scalar_type()).to(acc_dtype);
 
   const int64_t row_block = std::min<int64_t>(N, std::max<int64_t>(1, kTileElements / 256));
   const int64_t vt = std::clamp<int64_t>(kTileElements / std::max<int64_t>(row_block, 1), 256, 8192);

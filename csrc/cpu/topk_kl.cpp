@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/fast_math.h"
+#include "rms_norm.h"
 #include "ops.h"
 
 namespace actreplay {

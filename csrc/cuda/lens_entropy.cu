@@ -4,12 +4,13 @@
 //
 // Design (first version: cuBLAS GEMM + streaming reduction; a fused
 // tensor-core kernel may replace step b/c later):
-//  a. RMSNorm, once per row (lens_rmsnorm_kernel): r = 1/sqrt(mean(h^2)+eps)
-//     and xn = h r w computed in acc_t (float, or double for double) and
-//     stored in hidden's dtype, so the GEMM runs bf16/f16 tensor cores with
-//     float accumulation; float32 stays float32 (plain at::mm, which obeys
-//     torch's allow_tf32 flag, off by default) and float64 stays float64.
-//     Without norm_weight xn = hidden (no copy).
+//  a. RMSNorm (rms_normalize, torch ops: reference.rms_norm bit for bit):
+//     r = 1/sqrt(mean(h^2)+eps) and xn = h r w computed in acc_t (float, or
+//     double for double) and rounded to hidden's dtype (the operator's
+//     contract), so the GEMM runs bf16/f16 tensor cores with float
+//     accumulation; float32 stays float32 (plain at::mm, which obeys torch's
+//     allow_tf32 flag, off by default) and float64 stays float64. Without
+//     norm_weight xn = hidden (no copy).
 //  b. The vocabulary is walked in chunks of vc rows (and, for large N, the
 //     rows in chunks of nr): logits = xn[nr] @ unembed[vc].T into a [nr, vc]
 //     buffer of type L (float32; float64 for float64 inputs), at most 256 MiB,
@@ -68,6 +69,7 @@
 
 #include "ops.h"
 #include "cuda/device_reduce.cuh"
+#include "rms_norm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -103,34 +105,6 @@ static_assert((kCap & (kCap - 1)) == 0, "bitonic sort needs a power of two");
 constexpr int64_t kLogitBufferBytes = int64_t{256} << 20;
 constexpr int64_t kMinVocabChunk = 16384;  // a multiple of kTile
 constexpr int kFinalizeThreads = 128;
-
-// ---- a. RMSNorm -------------------------------------------------------------
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-lens_rmsnorm_kernel(const scalar_t* __restrict__ hidden, const scalar_t* __restrict__ w,
-                    scalar_t* __restrict__ xn, int64_t D, at::opmath_type<scalar_t> eps) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t s_red[kWarps];
-  const int64_t n = blockIdx.x;
-  const scalar_t* h = hidden + n * D;
-  acc_t ss = acc_t(0);
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    const acc_t x = static_cast<acc_t>(h[d]);
-    ss += x * x;
-  }
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  acc_t tot = s_red[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) tot += s_red[i];
-  const acc_t r = acc_t(1) / acc_sqrt(tot / static_cast<acc_t>(D) + eps);
-  scalar_t* out = xn + n * D;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    out[d] = static_cast<scalar_t>(static_cast<acc_t>(h[d]) * r * static_cast<acc_t>(w[d]));
-  }
-}
 
 // ---- c. per-chunk reduction -------------------------------------------------
 
@@ -537,14 +511,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lens_entropy_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         using L = acc_t;  // logit type: float, or double for double inputs
 
-        // a. normalised rows in hidden's dtype.
+        // a. normalised rows in hidden's dtype (the contract: rounded to it).
         at::Tensor xn = hidden;
         if (has_norm) {
-          xn = at::empty_like(hidden, at::MemoryFormat::Contiguous);
-          lens_rmsnorm_kernel<scalar_t><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
-              hidden.data_ptr<scalar_t>(), norm_weight->data_ptr<scalar_t>(),
-              xn.data_ptr<scalar_t>(), D, static_cast<acc_t>(eps));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          xn = rms_normalize(hidden, norm_weight, eps, c10::CppTypeToScalarType<acc_t>::value)
+                   .to(hidden.scalar_type());
         }
 
         double* st_m = state.data_ptr<double>();

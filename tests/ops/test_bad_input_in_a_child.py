@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DEVICES
 
 # Each case: (argument the message must name, exception type, a call). The child
 # prints one line per case: "ok" or what went wrong.

@@ -1,6 +1,8 @@
 """The four operators against their float64 oracles, their gradients, their
 registrations (opcheck) and their argument errors, on CPU and (when present) CUDA."""
 
+import os
+
 import pytest
 import torch
 from helpers import TOL, rel_err
@@ -41,6 +43,20 @@ def check_topk_indices(idx, ref_idx, vals_ref, logits_ref, k, tol):
     return untied.float().mean()
 
 
+def contract_logits(hidden, unembed, weight, eps):
+    """The lens logits as lens_entropy's contract defines them (reference.lens_entropy),
+    in float64: for half/bf16 the normalised rows rounded to the input dtype. The
+    normalisation runs where the inputs are: it is then the operator's bit for bit."""
+    x = ref.rms_norm(hidden, weight, eps)
+    if hidden.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(hidden.dtype)
+    return x.cpu().double() @ unembed.cpu().double().T
+
+
+#: logit error allowed against contract_logits, relative to the largest logit: float32 sums
+CONTRACT_TOL = 1e-5
+
+
 # (N, V, D): every N in {0,1,7,1000}, V in {1,5,1000,32000,32003}, D in {8,64,200}
 SHAPES = [
     (0, 5, 8),
@@ -77,12 +93,10 @@ def test_lens_entropy_matches_oracle(device, dtype, shape, topk, norm):
     assert rel_err(lse, r_lse) <= tol
     if k:
         assert rel_err(vals, r_vals) <= tol
-        logits = ref.lens_logits(f64(hidden), f64(unembed), f64(weight), 1e-6)
-        # The CPU kernel computes logits in float32 from the exact inputs for every
-        # dtype; the CUDA kernel rounds the normed rows to bf16/f16 for the tensor cores.
-        logit_tol = 1e-5 if (device == "cpu" or dtype == torch.float32) else 1e-2
-        checked = check_topk_indices(idx, r_idx, r_vals, logits, k, logit_tol * float(logits.abs().max()))
-        if k <= 50 and logit_tol <= 1e-5:
+        logits = contract_logits(hidden, unembed, weight, 1e-6)
+        c_vals, c_idx = ref.topk_desc_lower_index(logits, k)
+        checked = check_topk_indices(idx, c_idx, c_vals, logits, k, CONTRACT_TOL * float(logits.abs().max()))
+        if k <= 50:
             assert checked > 0.5  # the comparison is not vacuous
 
 
@@ -96,10 +110,10 @@ def test_lens_entropy_many_rows_large_vocab(device, dtype, norm):
     r_ent, r_lse, r_vals, r_idx = ref.lens_entropy(f64(hidden), f64(unembed), f64(weight), 1e-6, 50)
     tol = TOL[dtype]
     assert rel_err(ent, r_ent) <= tol and rel_err(lse, r_lse) <= tol and rel_err(vals, r_vals) <= tol
-    logits = ref.lens_logits(f64(hidden), f64(unembed), f64(weight), 1e-6)
-    logit_tol = 1e-5 if (device == "cpu" or dtype == torch.float32) else 1e-2
-    checked = check_topk_indices(idx, r_idx, r_vals, logits, 50, logit_tol * float(logits.abs().max()))
-    assert checked > 0.5 or logit_tol > 1e-5
+    logits = contract_logits(hidden, unembed, weight, 1e-6)
+    c_vals, c_idx = ref.topk_desc_lower_index(logits, 50)
+    checked = check_topk_indices(idx, c_idx, c_vals, logits, 50, CONTRACT_TOL * float(logits.abs().max()))
+    assert checked > 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -113,9 +127,10 @@ def test_cuda_lens_entropy_over_row_and_vocabulary_chunks(dtype):
     r_ent, r_lse, r_vals, r_idx = ref.lens_entropy(f64(hidden), f64(unembed), f64(weight), 1e-6, 50)
     tol = TOL[dtype]
     assert rel_err(ent, r_ent) <= tol and rel_err(lse, r_lse) <= tol and rel_err(vals, r_vals) <= tol
-    if dtype == torch.float32:  # indices: exact where the oracle's values are apart
-        logits = ref.lens_logits(f64(hidden), f64(unembed), f64(weight), 1e-6)
-        assert check_topk_indices(idx, r_idx, r_vals, logits, 50, 1e-5 * float(logits.abs().max())) > 0.5
+    # indices: exact where the contract's values are apart
+    logits = contract_logits(hidden, unembed, weight, 1e-6)
+    c_vals, c_idx = ref.topk_desc_lower_index(logits, 50)
+    assert check_topk_indices(idx, c_idx, c_vals, logits, 50, CONTRACT_TOL * float(logits.abs().max())) > 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -199,6 +214,34 @@ def test_lens_entropy_logits_of_magnitude_1e4(device, spread):
         r32 = ref.lens_entropy(hidden, unembed, None, 1e-6, 0)[0]
         assert rel_err(ent, r_ent) <= 2 * rel_err(r32, r_ent) + 1e-6
         assert float(r_ent.min()) > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 32003, 256), (128, 152064, 3584)], ids=["V32003", "qwen2.5-vl-7b"])
+def test_half_precision_lens_follows_its_contract(device, dtype, shape):
+    """bf16/f16: the normalised hidden state rounded to the input dtype, float32
+    products and sums (reference.lens_entropy). Tight, on both devices: the same
+    entropy and lse to float32 accuracy, and the top-k values the contract's logits
+    have at the returned indices, which are the contract's top-k values. (Against
+    a float32-xn lens the CUDA bf16 top-50 set agreed on only 94-96 % at V = 152064.)"""
+    n, v, d = shape
+    if device == "cpu" and v > 100000:
+        pytest.skip("the 7B shape runs on CUDA only (minutes on two CPU cores)")
+    h, U, w = make_lens(n, v, d, dtype, device, seed=21, scale=3.0)
+    k = 50
+    ent, lse, vals, idx = ops.lens_entropy(h, U, w, 1e-6, k)
+    r_ent, r_lse, r_vals, _ = ref.lens_entropy(h, U, w, 1e-6, k)  # float32, where the inputs are
+    assert float(r_ent.min()) > 0.5  # not one-hot rows: the entropy is measured, not 0 = 0
+    tol = CONTRACT_TOL
+    assert rel_err(ent, r_ent) <= tol and rel_err(lse, r_lse) <= tol / 5
+    logits = contract_logits(h, U, w, 1e-6)
+    at_idx = logits.gather(1, idx.cpu())  # the contract's logits where we say the top-k are
+    scale = float(r_vals.abs().max())
+    assert float((vals.cpu() - at_idx).abs().max()) <= tol * scale
+    assert float((vals.cpu() - r_vals).abs().max()) <= tol * scale
+    # and not the float32-xn lens (the CPU op's before), which is farther off than that
+    f32 = ref.rms_norm(h, w, 1e-6).cpu().double() @ U.cpu().double().T
+    assert float((f32.gather(1, idx.cpu()) - at_idx).abs().max()) > 5 * tol * scale
 
 
 def test_lens_entropy_float64(device):
@@ -369,8 +412,9 @@ def test_cuda_backward_logq_stops_at_a_bad_index(bad):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _BAD_INDEX_ON_CUDA.format(bad=bad)], capture_output=True, text=True,
-                       timeout=300)
+    # -P: the child imports the installed package, not a source tree in the cwd (no _C there)
+    r = subprocess.run([sys.executable, "-P", "-c", _BAD_INDEX_ON_CUDA.format(bad=bad)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert r.returncode != 0 and "no error" not in r.stdout, r.stdout + r.stderr
     assert "device-side assert" in r.stderr and "illegal memory access" not in r.stderr, r.stderr[-2000:]
 
