@@ -146,7 +146,9 @@ def bench_one(args, n_vis, layers, gpu_shape, warm_up=True):
         else:
             d = (res.deltas - pub["deltas"]).abs().max() / pub["deltas"].abs().max().clamp_min(1e-30)
             row.update(published_seconds=t_p, published_peak_bytes=m_p, speedup=t_p / t_o,
-                       memory_ratio=m_o / max(m_p, 1), offsets_rel_diff=float(d))
+                       memory_ratio=m_o / max(m_p, 1), offsets_rel_diff=float(d),
+                       same_selection=pub["selected"] == res.selected,
+                       losses_rel_diff=max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(res.losses, pub["losses"])))
             del pub
     floor = decoder_floor(rlvr, inputs, cfg)
     if warm_up:

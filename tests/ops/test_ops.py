@@ -238,7 +238,7 @@ def test_half_precision_lens_follows_its_contract(device, dtype, shape):
     at_idx = logits.gather(1, idx.cpu())  # the contract's logits where we say the top-k are
     scale = float(r_vals.abs().max())
     assert float((vals.cpu() - at_idx).abs().max()) <= tol * scale
-    assert float((vals.cpu() - r_vals).abs().max()) <= tol * scale
+    assert float((vals.cpu() - r_vals.cpu()).abs().max()) <= tol * scale
     # and not the float32-xn lens (the CPU op's before), which is farther off than that
     f32 = ref.rms_norm(h, w, 1e-6).cpu().double() @ U.cpu().double().T
     assert float((f32.gather(1, idx.cpu()) - at_idx).abs().max()) > 5 * tol * scale
