@@ -13,6 +13,7 @@ import torch
 from . import checks, console, data, provenance
 from .config import OPTIMIZERS, layer_list
 from .console import UsageError
+from .core.images import image_hashes, images_differ
 
 DESCRIPTION = """\
 Activation Replay for vision-language models: at test time, learn offsets for
@@ -116,10 +117,15 @@ def run(args) -> int:
     processor = data.load_processor(args.rlvr)
     row = data.Row(id="prompt", question=args.prompt, images=list(args.image or []), video=args.video)
     inputs = data.encode(processor, row)
+    load = console.load_kwargs(args)
     if targets is not None and not torch.equal(targets.input_ids, inputs["input_ids"]):
         raise UsageError(f"--targets {args.targets} was made for another prompt (its input_ids differ from this "
                          "--prompt/--image/--video); recompute it with --save-targets")
-    load = console.load_kwargs(args)
+    dtype = getattr(torch, str(load["dtype"]), None)
+    if targets is not None and images_differ(targets.images, image_hashes(
+            inputs, dtype if isinstance(dtype, torch.dtype) else torch.float32)):
+        raise UsageError(f"--targets {args.targets} was made for other images or video (the same text and sizes, "
+                         "other pixels); recompute it with --save-targets")
     t0 = time.perf_counter()
     log.info("loading the RLVR model from %s", args.rlvr)
     rlvr = data.load_model(args.rlvr, **load)

@@ -47,5 +47,5 @@ def distinct_rows(pre: Prefill) -> Tuple[Prefill, List[int]]:
     reduced = Prefill(pre.hidden0.index_select(0, idx), pre.layers.rows(reps, B),
                       pre.input_ids.index_select(0, idx.to(pre.input_ids.device)),
                       pre.visual.index_select(0, idx.to(pre.visual.device)),
-                      None if mask is None else mask.index_select(0, idx.to(mask.device)))
+                      None if mask is None else mask.index_select(0, idx.to(mask.device)), pre.images)
     return reduced, row_map

@@ -61,7 +61,7 @@ def optimize_from_prefill(adapter: ModelAdapter, pre: Prefill, targets: ReplayTa
     check_targets(targets, pre, row_map, cfg, adapter)
     with no_inference_mode():  # a prefill or targets made under inference mode: tensors autograd may save
         result = _optimize_distinct(adapter, normal_tensors(pre), normal_tensors(targets), cfg)
-    result.input_ids = full_ids
+    result.input_ids, result.images = full_ids, pre.images
     result.optimized_rows = pre.hidden0.shape[0]
     result.inject_layer, result.config = cfg.inject_layer, cfg.as_dict()
     _warn_if_ineffective(result, cfg)

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..models.base import BetweenLayers, LayerKwargs, ModelAdapter
+from .images import image_hashes, vision_dtype
 from .layers import LayerInputs
 from .reentry import internal_forward
 from .shared import evaluating, model_lock
@@ -26,6 +27,7 @@ class Prefill:
     input_ids: torch.Tensor  # [B, T]
     visual: torch.Tensor  # [B, T] bool, visual placeholder positions
     attention_mask: Optional[torch.Tensor] = None  # [B, T] 1 = token, 0 = padding
+    images: Optional[torch.Tensor] = None  # hashes of the pixels (images.image_hashes), None when unseen
 
     @property
     def prefix_len(self) -> int:
@@ -105,4 +107,4 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
         raise RuntimeError("actreplay_ext: the forward pass never reached decoder layer 0")
     ids = fwd["input_ids"]
     return Prefill(seen["hidden"], layer_inputs(seen["kwargs"], *seen.get("loop", ())), ids, adapter.visual_mask(ids),
-                   fwd.get("attention_mask"))
+                   fwd.get("attention_mask"), image_hashes(inputs, vision_dtype(adapter)))

@@ -34,6 +34,7 @@ class ReplayTargets:
     config: Dict  # the fields of ReplayConfig the targets depend on
     row_map: Optional[List[int]] = None  # batch row -> distinct row (identical rows share targets)
     model: Optional[Dict] = None  # hidden size, vocabulary and depth of the model they were made with
+    images: Optional[torch.Tensor] = None  # hashes of the prompt's pixels (core/images.py); None: not recorded
 
     @property
     def layers(self) -> int:
@@ -58,6 +59,8 @@ class ReplayTargets:
             tensors[f"selected.{l}"] = self.selected[l].cpu().contiguous()
             tensors[f"target_idx.{l}"] = self.target_idx[l].cpu().contiguous()
             tensors[f"target_logp.{l}"] = self.target_logp[l].cpu().contiguous()
+        if self.images is not None:
+            tensors["images"] = self.images.cpu().contiguous()
         meta = {"format": "actreplay_ext.ReplayTargets/1", "n_visual": json.dumps(self.n_visual),
                 "config": json.dumps(self.config), "layers": str(self.layers),
                 "row_map": json.dumps(self.row_map), "model": json.dumps(self.model)}
@@ -94,13 +97,15 @@ class ReplayTargets:
                 if missing:
                     raise bad("tensor", f"{missing[0]!r} is missing (the metadata says {L} layers)")
                 t = {n: f.get_tensor(n) for n in names}
+                images = f.get_tensor("images") if "images" in f.keys() else None  # older files: not recorded
         except SafetensorError as e:
             raise ValueError(f"ReplayTargets.load: {path!r} is not a readable safetensors file ({e})") from None
+        _check_images(images, bad)
         targets = cls(input_ids=t["input_ids"], n_visual=fields["n_visual"], entropy=t["entropy"],
                       selected=[t[f"selected.{l}"] for l in range(L)],
                       target_idx=[t[f"target_idx.{l}"] for l in range(L)],
                       target_logp=[t[f"target_logp.{l}"] for l in range(L)],
-                      config=fields["config"], row_map=fields["row_map"], model=fields["model"])
+                      config=fields["config"], row_map=fields["row_map"], model=fields["model"], images=images)
         _check_consistent(targets, bad)
         return targets.to(device)
 
@@ -169,6 +174,7 @@ class ReplayResult:
     optimized_rows: int = 0  # distinct rows the loop ran on (identical rows share offsets)
     inject_layer: int = 0
     config: Optional[Dict] = None  # the ReplayConfig settings they were learned with (ReplayConfig.as_dict)
+    images: Optional[torch.Tensor] = None  # hashes of the prompt's pixels (core/images.py); None: not recorded
 
     @property
     def replayed(self) -> bool:
@@ -199,6 +205,8 @@ class ReplayResult:
             if rows is not None else {"deltas": self.deltas.detach().cpu().contiguous()}
         if self.input_ids is not None:
             tensors["input_ids"] = self.input_ids.cpu().contiguous()
+        if self.images is not None:
+            tensors["images"] = self.images.cpu().contiguous()
         meta = {"format": RESULT_FORMAT, "rows": json.dumps(None if rows is None else len(rows)),
                 "losses": json.dumps([float(x) for x in self.losses]), "selected": json.dumps(list(self.selected)),
                 "n_visual": json.dumps(list(self.n_visual)), "timings": json.dumps(self.timings),
@@ -241,18 +249,27 @@ class ReplayResult:
                     raise bad("tensor", f"{missing[0]!r} is missing")
                 tensors = {n: f.get_tensor(n) for n in names}
                 input_ids = f.get_tensor("input_ids") if "input_ids" in f.keys() else None
+                images = f.get_tensor("images") if "images" in f.keys() else None  # older files: not recorded
         except SafetensorError as e:
             raise ValueError(f"ReplayResult.load: {path!r} is not a readable safetensors file ({e})") from None
         _check_result(fields, tensors, input_ids, bad)
+        _check_images(images, bad)
         deltas = [tensors[n].to(device) for n in names] if rows is not None else tensors["deltas"].to(device)
         return cls(deltas=deltas, losses=fields["losses"], selected=fields["selected"], n_visual=fields["n_visual"],
                    timings=fields["timings"], note=meta.get("note", ""),
                    input_ids=None if input_ids is None else input_ids.to(device),
                    optimized_rows=fields["optimized_rows"], inject_layer=fields["inject_layer"],
-                   config=fields["config"])
+                   config=fields["config"], images=images)
 
 
 RESULT_FORMAT = "actreplay_ext.ReplayResult/1"
+
+
+def _check_images(images: Optional[torch.Tensor], bad) -> None:
+    if images is not None and (images.dim() != 1 or images.dtype != torch.long or images.numel() == 0
+                               or bool((images[1:] <= images[:-1]).any())):
+        raise bad("'images'", f"must be the sorted distinct int64 hashes of the prompt's pixels, "
+                              f"got {tuple(images.shape)} {images.dtype}")
 
 
 def _is_int(x, lo=0) -> bool:

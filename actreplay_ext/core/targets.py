@@ -36,7 +36,7 @@ def _empty(pre: Prefill, n_visual, row_map, cfg: ReplayConfig, adapter: ModelAda
                          [torch.empty(0, dtype=torch.long) for _ in range(L)],
                          [torch.empty(0, cfg.topv, dtype=torch.long) for _ in range(L)],
                          [torch.empty(0, cfg.topv) for _ in range(L)], target_config(cfg), row_map,
-                         model_info(adapter))
+                         model_info(adapter), pre.images)
 
 
 def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig) -> ReplayTargets:
@@ -76,7 +76,7 @@ def targets_from_prefill(adapter: ModelAdapter, pre: Prefill, cfg: ReplayConfig)
         t_idx.append(top_idx[l].index_select(0, sel))
         t_logp.append(top_logp[l].index_select(0, sel))
     return ReplayTargets(pre.input_ids.cpu(), n_visual, entropy, selected, t_idx, t_logp, target_config(cfg),
-                         row_map, model_info(adapter))
+                         row_map, model_info(adapter), pre.images)
 
 
 def select(entropy: torch.Tensor, n_visual: Sequence[int], cfg: ReplayConfig) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 
 from ..config import ReplayConfig
 from ..models.base import ModelAdapter
+from .images import images_differ
 from .prefill import Prefill
 from .results import ReplayTargets
 
@@ -60,6 +61,11 @@ def check_targets(targets: ReplayTargets, pre: Prefill, row_map: List[int], cfg:
         raise ValueError(
             "actreplay_ext: the targets were computed for another prompt (input_ids differ: targets "
             f"{tuple(ids.shape)}, inputs {tuple(pre.input_ids.shape)}); compute them on the same inputs"
+        )
+    if images_differ(targets.images, pre.images):
+        raise ValueError(
+            "actreplay_ext: the targets were computed for other images (the same input_ids, other pixels); "
+            "compute them on the same inputs"
         )
     want = target_config(cfg)
     got = targets.config

@@ -29,7 +29,16 @@ from typing import Dict, Optional
 
 import torch
 
-from ..core import Prefill, ReplayResult, capture_prefill, in_internal_forward, internal_forward, record_layer_loop
+from ..core import (
+    Prefill,
+    ReplayResult,
+    capture_prefill,
+    image_hashes,
+    in_internal_forward,
+    internal_forward,
+    record_layer_loop,
+    vision_dtype,
+)
 from ..models.calls import CACHE_KWARGS, bound_kwargs, cache_length
 from ..models.registry import get_adapter
 from .record import ForwardRecord, Records
@@ -220,4 +229,19 @@ class ReplayHandle:
         """This forward's prefill, as the model is about to build it (a capture)."""
         inputs: Dict = {k: v for k, v in rec.kwargs.items() if k not in _NOT_PROMPT and v is not None}
         with internal_forward():
-            return capture_prefill(self.adapter, inputs)
+            pre = capture_prefill(self.adapter, inputs)
+        if pre.images is None:
+            pre.images = self._images(rec)
+        return pre
+
+    def _images(self, rec: ForwardRecord):
+        """The hashes of this forward's pixels (core/images.py): from its arguments, or
+        (transformers 5 encodes them before the forward) from the vision tower's calls."""
+        dtype = vision_dtype(self.adapter)
+        images = image_hashes(rec.kwargs, dtype)
+        if images is None and rec.vision_calls:
+            try:
+                images = image_hashes(self.adapter.prompt_from_forward(rec.kwargs, rec.vision_calls), dtype)
+            except RuntimeError:  # the calls cannot be matched to the rows: nothing to compare
+                return None
+        return images

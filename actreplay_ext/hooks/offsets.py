@@ -20,6 +20,7 @@ from ..core import (
     ReplayResult,
     ReplayTargets,
     check_config_for,
+    images_differ,
     internal_forward,
     optimize_from_prefill,
     targets_from_prefill,
@@ -151,6 +152,7 @@ class FixedOffsets(_OffsetsHandle):
             return None
         ids, learned = rec.input_ids, self.result.input_ids
         if learned is None or (ids.shape == learned.shape and torch.equal(ids.cpu(), learned.cpu())):
+            self._check_images(rec)
             return self.result.flat_deltas()
         rows: List[torch.Tensor] = self.result.deltas if isinstance(self.result.deltas, list) else [self.result.deltas]
         picked = []
@@ -169,4 +171,13 @@ class FixedOffsets(_OffsetsHandle):
                     "(same ids, other images); pass the rows as they were optimised"
                 )
             picked.append(rows[same[0]])
+        self._check_images(rec)
         return torch.cat(picked, 0)
+
+    def _check_images(self, rec: ForwardRecord) -> None:
+        """Rows whose input_ids match: their pixels must be among those the result was learned on."""
+        if images_differ(self.result.images, self._images(rec), subset=True):
+            raise ValueError(
+                "actreplay_ext.apply: this prompt's images are not those the result was learned on (the same "
+                "input_ids, other pixels); optimize on these inputs"
+            )

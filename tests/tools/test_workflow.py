@@ -176,6 +176,30 @@ def test_targets_bring_their_layers_and_refuse_a_conflicting_override(ckpt, caps
     assert "was made for another prompt" in error_of(capsys, other)
 
 
+def test_targets_made_for_other_pixels_are_refused_before_a_model_loads(ckpt, capsys, tmp_path, monkeypatch):
+    """The same question and an image of the same size give the same input_ids: the
+    targets record the image's pixels, and another image is refused by name."""
+    from PIL import Image
+
+    targets = str(tmp_path / "t.safetensors")
+    assert cli.main(run_args(ckpt, *FAST, "--save-targets", targets)) == 0
+    capsys.readouterr()
+    other = str(tmp_path / "other.png")
+    rng = torch.Generator().manual_seed(9)
+    Image.fromarray((torch.rand(56, 84, 3, generator=rng) * 255).to(torch.uint8).numpy()).save(other)
+    argv = ["--quiet", "run", "--rlvr", ckpt["rlvr"], "--image", other, "--prompt", "what is 2 + 2 ?",
+            "--lr", "0.005", "--steps", "3", "--max-new-tokens", "4", "--targets", targets]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the images were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_model", refuse)
+        assert "was made for other images or video" in error_of(capsys, argv)
+    argv[argv.index(other)] = ckpt["image"]
+    assert cli.main(argv) == 0  # its own image
+
+
 def test_a_malformed_layer_list_is_an_argparse_error(ckpt, capsys, no_weights):
     with pytest.raises(SystemExit) as exit_:
         cli.main(run_args(ckpt, "--layers", "1,x"))
