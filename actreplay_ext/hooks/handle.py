@@ -148,7 +148,8 @@ class ReplayHandle:
             return None
         kwargs = bound_kwargs(module.forward, args, kwargs)
         rec = ForwardRecord(kwargs, kwargs.get("input_ids"), cache_length(kwargs), [])
-        self._records.begin(rec, claims=self.adapter.has_visual_input(kwargs, []))
+        self._records.begin(rec, claims=self.adapter.has_visual_input(kwargs, []),
+                            encoded_calls=self.adapter.encoded_calls(kwargs))
         if self._classify(rec) == "prefill":
             self._prepare(rec)
         return None

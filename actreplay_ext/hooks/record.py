@@ -78,11 +78,16 @@ class Records:
         self._local = threading.local()
         self._epoch = 0  # forget(): memories of every thread from before are void
 
-    def begin(self, record: ForwardRecord, claims: bool) -> None:
-        """Start `record`; a forward that brings visual input (`claims`) takes the
-        vision-tower calls made before it (an assistant model's text-only pass does not)."""
+    def begin(self, record: ForwardRecord, claims: bool, encoded_calls: int = 0) -> None:
+        """Start `record`. A forward that brings visual input (`claims`) takes the
+        `encoded_calls` latest vision-tower calls made before it (those that encoded
+        the features it was given; 0 when it encodes its own pixels) and drops the
+        rest: calls of a generate that failed after encoding, or the user's own
+        vision-tower calls, belong to no prompt. An assistant model's text-only pass
+        claims nothing and leaves them for the forward they were made for."""
         if claims:
-            record.vision_calls = self.unclaimed() + record.vision_calls
+            made_before = self.unclaimed()
+            record.vision_calls = (made_before[-encoded_calls:] if encoded_calls > 0 else []) + record.vision_calls
             self._local.unclaimed = []
         self._local.current = record  # replaces anything a BaseException left behind
 

@@ -162,6 +162,15 @@ class ModelAdapter:
                 return True
         return False
 
+    def encoded_calls(self, kwargs: Dict) -> int:
+        """How many vision-tower calls made the features a forward is given
+        (transformers 5.x `generate` encodes each modality of `mm_encoder_outputs`
+        in one call just before the first forward); 0 when it encodes its own."""
+        encoded = kwargs.get("mm_encoder_outputs")
+        if not isinstance(encoded, dict):
+            return 0
+        return sum(1 for v in encoded.values() if v is not None)
+
     def encoded_visual_rows(self, kwargs: Dict) -> Optional[int]:
         """How many visual tokens the features encoded before the forward fill
         (transformers 5.x `mm_encoder_outputs`), or None when the forward encodes
