@@ -91,7 +91,9 @@ def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
 
     with model_lock(adapter.model), evaluating(adapter.model):
         state = adapter.model_state()
-        handles = [adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)]
+        # prepend: layer 0's input before any pre-hook of the user's, whose hooks then run once, when the
+        # library's passes call the layer (as in the model's own forward), not once here and again there
+        handles = [adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)]
         try:
             handles.append(record_layer_loop(adapter, store, lambda: threading.get_ident() == me))
             with torch.no_grad(), internal_forward():
