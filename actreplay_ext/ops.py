@@ -310,3 +310,48 @@ torch.library.register_autograd(
     "actreplay::replay_scatter", _replay_scatter_backward, setup_context=_replay_scatter_setup
 )
 
+
+# -------------------------------------------------------------------- autocast
+#
+# Without an autocast kernel the operators ran with autocast still on, so the at:: calls inside
+# the C++ kernels were autocast (their products came back bfloat16 to a float32 kernel: "expected
+# scalar type Float but found BFloat16"). Under autocast the lens operators (a matmul fused with a
+# softmax reduction: autocast keeps softmax, log_softmax and kl_div in float32) compute in the
+# common dtype of their operands (autocast's "promote" rule): with consistent operands, exactly
+# what they compute without autocast. The others only turn autocast off.
+
+#: per operator, the positions of the arguments the lens is computed from (their dtypes must agree)
+_LENS_OPERANDS = {
+    "lens_entropy": (0, 1, 2), "topk_logp": (0, 1, 2), "topk_kl": (0, 1, 2), "topk_kl_logq": (0, 1, 2),
+    "topk_kl_backward": (1, 2, 3), "topk_kl_backward_logq": (1, 2, 3), "replay_scatter": (), "select_tokens": (),
+}
+
+_autocast_lib = torch.library.Library("actreplay", "IMPL")  # kept alive: its registrations last as long
+
+
+def _promoted(args: tuple, positions: Sequence[int]) -> tuple:
+    """`args` with the floating-point tensors at `positions` cast to their widest dtype."""
+    floats = [args[i] for i in positions if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()]
+    if not floats:
+        return args
+    dtype = floats[0].dtype
+    for t in floats[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(a.to(dtype) if i in positions and isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for i, a in enumerate(args))
+
+
+def _autocast_kernel(name: str, device_type: str):
+    op = getattr(_ops, name).default
+    positions = _LENS_OPERANDS[name]
+
+    def kernel(*args):
+        with torch.autocast(device_type, enabled=False):  # excludes this key: the call goes to the kernel
+            return op(*_promoted(args, positions))
+
+    return kernel
+
+
+for _name in _LENS_OPERANDS:
+    for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        _autocast_lib.impl(_name, _autocast_kernel(_name, _device_type), _key)
