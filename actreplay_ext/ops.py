@@ -14,13 +14,20 @@ import torch
 
 import actreplay_ext._C  # noqa: F401  (registers torch.ops.actreplay)
 
-__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl", "topk_logp"]
+__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl", "topk_logp", "result_dtype"]
 
 _ops = torch.ops.actreplay
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the operators' floating-point results (and sums) for inputs of `dtype`:
+    float64 for float64, else float32. The replay adds its offsets and keeps its targets
+    in it, so that a float64 model's replay loses nothing to a float32 rounding."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return result_dtype(t.dtype)
 
 
 def lens_entropy(
