@@ -1,7 +1,7 @@
 """Replay under torch.autocast("cpu", bfloat16), as the unpatched model runs under it:
 the decoder layers run as autocast makes them, and the logit lens reads their outputs
 in the model's own dtype (float32), as the operators compute without autocast
-(tests/ops/test_autocast.py). `patch`, `compute_targets` and `optimize` agree.
+(tests/ops/test_ops_under_autocast.py). `patch`, `compute_targets` and `optimize` agree.
 Before, every family failed with "expected scalar type Float but found BFloat16"."""
 
 import pytest
