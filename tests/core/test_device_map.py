@@ -62,8 +62,7 @@ def _load_offloaded(model, family, offloaded, tmp_path, name):
 
 
 def _lens_modules(model):
-    ad = ar.get_adapter(model)
-    return ad.final_norm(), ad.unembedding()
+    return ar.get_adapter(model).final_norm(), model.lm_head
 
 
 def _offloaded_lens(model):
