@@ -17,7 +17,7 @@ from torch import nn
 
 from .calls import bound_kwargs
 from .matching import encoded_order
-from .offload import loaded_tensor
+from .offload import execution_device, loaded_tensor
 
 __all__ = ["ModelAdapter", "PrefillState", "BetweenLayers", "LayerKwargs"]
 
@@ -122,6 +122,11 @@ class ModelAdapter:
         in place: sharpens a random tiny model's lens (`tiny.finish`)."""
         with torch.no_grad():
             self.final_norm().weight.mul_(factor)
+
+    def input_device(self) -> torch.device:
+        """Where the model's inputs go: where its token embedding runs (with accelerate's
+        offloading its weights are on the meta device; its hook's execution device)."""
+        return execution_device(self.model.get_input_embeddings())
 
     def vision_tower(self) -> Optional[nn.Module]:
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["loaded_tensor"]
+__all__ = ["loaded_tensor", "execution_device"]
 
 
 def loaded_tensor(module: nn.Module, name: str, what: str) -> torch.Tensor:
@@ -42,3 +42,20 @@ def loaded_tensor(module: nn.Module, name: str, what: str) -> torch.Tensor:
             "keep the final norm and lm_head on a device (device_map) to replay this model"
         )
     return tensor
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module`'s forward computes, so where its inputs must be: the device of the
+    accelerate hook that loads it (its weights may be on the meta device), else of its weights."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        return torch.device("cpu")
+    if tensor.device.type == "meta":
+        raise RuntimeError(f"actreplay_ext: the weights of {type(module).__name__} are on the meta device (no data) "
+                           "and no accelerate hook runs it; load the model's weights before replaying")
+    return tensor.device

@@ -5,7 +5,7 @@ import torch
 from helpers import replay
 
 import actreplay_ext as ar
-from actreplay_ext import tiny
+from actreplay_ext import data, tiny
 
 pytest.importorskip("accelerate")
 
@@ -124,6 +124,11 @@ def test_cpu_offload_gives_the_plain_models_replay():
     assert_same_targets(targets, want_targets)
     got = ar.optimize(rlvr, inputs, targets, cfg)
     assert got.losses == want.losses and torch.equal(got.deltas, want.deltas)
+    # patch moves the base model's prompt to where its embedding runs, not to model.device (meta)
+    assert base.device.type == "meta" and data.input_device(base) == torch.device("cpu")
+    with ar.patch(rlvr, base=base, config=cfg) as handle:
+        rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert handle.last.losses == want.losses and torch.equal(handle.last.deltas, want.deltas)
 
 
 @pytest.mark.parametrize("module, what", [("lm_head", r"the unembedding \(lm_head.weight\)"),
