@@ -147,6 +147,20 @@ def test_a_float64_model_against_itself_has_loss_and_offsets_exactly_zero(twins6
     assert torch.count_nonzero(result.deltas) == 0
 
 
+def test_a_float64_models_targets_round_trip_through_a_file(twins64, tmp_path):
+    """Saved float64 targets load as saved (their entropy was refused for not being float32)."""
+    base, model = twins64
+    inputs = tiny.make_inputs(model)
+    cfg = ar.ReplayConfig(layers=3, alignment="matched", steps=3)
+    targets = ar.compute_targets(base, inputs, cfg)
+    targets.save(str(tmp_path / "t.safetensors"))
+    loaded = ar.ReplayTargets.load(str(tmp_path / "t.safetensors"))
+    assert loaded.entropy.dtype == torch.float64 and torch.equal(loaded.entropy, targets.entropy)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.target_logp, targets.target_logp))
+    result = ar.optimize(model, inputs, loaded, cfg)
+    assert result.losses == [0.0] * cfg.steps and torch.count_nonzero(result.deltas) == 0
+
+
 def test_a_float64_model_patched_against_itself_generates_bitwise_unpatched(twins64):
     base, model = twins64
     inputs = tiny.make_inputs(model)
