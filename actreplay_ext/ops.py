@@ -327,8 +327,9 @@ torch.library.register_autograd(
 # common dtype of their operands (autocast's "promote" rule): with consistent operands, exactly
 # what they compute without autocast. The others only turn autocast off.
 
-#: per operator, the positions of the arguments the lens is computed from (their dtypes must agree)
-_LENS_OPERANDS = {
+#: per operator, the positions of the arguments autocast brings to one dtype: the lens operands (hidden,
+#: unembed, norm_weight), whose dtypes must agree; none for replay_scatter and select_tokens
+_PROMOTED_UNDER_AUTOCAST = {
     "lens_entropy": (0, 1, 2), "topk_logp": (0, 1, 2), "topk_kl": (0, 1, 2), "topk_kl_logq": (0, 1, 2),
     "topk_kl_backward": (1, 2, 3), "topk_kl_backward_logq": (1, 2, 3), "replay_scatter": (), "select_tokens": (),
 }
@@ -350,7 +351,7 @@ def _promoted(args: tuple, positions: Sequence[int]) -> tuple:
 
 def _autocast_kernel(name: str, device_type: str):
     op = getattr(_ops, name).default
-    positions = _LENS_OPERANDS[name]
+    positions = _PROMOTED_UNDER_AUTOCAST[name]
 
     def kernel(*args):
         with torch.autocast(device_type, enabled=False):  # excludes this key: the call goes to the kernel
@@ -359,6 +360,6 @@ def _autocast_kernel(name: str, device_type: str):
     return kernel
 
 
-for _name in _LENS_OPERANDS:
+for _name in _PROMOTED_UNDER_AUTOCAST:
     for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
         _autocast_lib.impl(_name, _autocast_kernel(_name, _device_type), _key)
