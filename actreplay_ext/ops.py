@@ -130,7 +130,7 @@ def _one_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
     if meta and real:
         raise ValueError(
             f"actreplay.{op}: argument '{meta[0]}' is on the meta device (a tensor without data, e.g. a weight "
-            f"accelerate offloaded) but '{real[0]}' is on {given[real[0]].device}; give every tensor on one device"
+            f"accelerate offloaded) but '{real[0]}' is on {given[real[0]].device}; all tensors must be on one device"
         )
 
 
