@@ -99,6 +99,10 @@ class ReplayConfig:
         else:
             _integer("layers", self.layers, 1)
         _integer("topv", self.topv, 1)
+        if self.topv == 1 and self.mode == "tokens":  # refused, not warned: no run with it can do anything
+            raise ValueError("ReplayConfig: 'topv' must be >= 2 for mode='tokens', got 1: the KL compares the two "
+                             "models' distributions renormalised over the base's top-topv tokens, and over one "
+                             "token both are 1, so the loss and the offsets would be 0 whatever the models")
         _integer("steps", self.steps, 1)
         _integer("inject_layer", self.inject_layer, 0)
         if self.lr is not None:  # None stays None, so dataclasses.replace(cfg, optimizer=...) takes the new default

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .models.offload import execution_device
+
 __all__ = ["Row", "read_jsonl", "encode", "encode_batch", "decode_video", "load_model", "load_processor",
            "question_text", "decode_new", "input_device", "synthetic_rows"]
 
@@ -258,9 +260,9 @@ def decode_new(processor, output: torch.Tensor, prompt_len: int) -> List[str]:
 
 
 def input_device(model) -> torch.device:
-    """Where the model's inputs go: its embedding's device (device_map may
-    spread the rest)."""
-    return model.get_input_embeddings().weight.device
+    """Where the model's inputs go: where its embedding runs (device_map may
+    spread the rest; an offloaded embedding's weight is on the meta device)."""
+    return execution_device(model.get_input_embeddings())
 
 
 def synthetic_rows(n: int = 6, seed: int = 0) -> List[Row]:

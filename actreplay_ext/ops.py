@@ -14,13 +14,20 @@ import torch
 
 import actreplay_ext._C  # noqa: F401  (registers torch.ops.actreplay)
 
-__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl", "topk_logp"]
+__all__ = ["lens_entropy", "select_tokens", "replay_scatter", "topk_kl", "topk_logp", "result_dtype"]
 
 _ops = torch.ops.actreplay
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the operators' floating-point results (and sums) for inputs of `dtype`:
+    float64 for float64, else float32. The replay adds its offsets and keeps its targets
+    in it, so that a float64 model's replay loses nothing to a float32 rounding."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return result_dtype(t.dtype)
 
 
 def lens_entropy(
@@ -108,10 +115,28 @@ def topk_logp(
 
 
 # ---------------------------------------------------------------- fake tensors
+#
+# A call that mixes a meta tensor (no data) with real ones dispatches to the Meta kernel,
+# which register_fake registers: without a check it would return uninitialised memory on the
+# real tensors' device. Under FakeTensorMode (torch.compile, opcheck) every tensor reports
+# the one device it fakes, so the check passes there.
+
+
+def _one_device(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """Refuse a mix of meta and real tensors, naming the meta argument."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    meta = [name for name, t in given.items() if t.device.type == "meta"]
+    real = [name for name in given if name not in meta]
+    if meta and real:
+        raise ValueError(
+            f"actreplay.{op}: argument '{meta[0]}' is on the meta device (a tensor without data, e.g. a weight "
+            f"accelerate offloaded) but '{real[0]}' is on {given[real[0]].device}; all tensors must be on one device"
+        )
 
 
 @torch.library.register_fake("actreplay::lens_entropy")
 def _lens_entropy_fake(hidden, unembed, norm_weight, eps, topk=0):
+    _one_device("lens_entropy", hidden=hidden, unembed=unembed, norm_weight=norm_weight)
     torch._check(hidden.dim() == 2 and unembed.dim() == 2, lambda: "hidden and unembed must be 2-D")
     torch._check(unembed.shape[1] == hidden.shape[1], lambda: "unembed must be [V, D]")
     torch._check(0 <= topk <= unembed.shape[0], lambda: "topk must be in [0, V]")
@@ -126,30 +151,37 @@ def _lens_entropy_fake(hidden, unembed, norm_weight, eps, topk=0):
 
 @torch.library.register_fake("actreplay::select_tokens")
 def _select_tokens_fake(entropy, candidates, rule, value, side):
+    _one_device("select_tokens", entropy=entropy, candidates=candidates)
     torch._check(entropy.dim() == 2, lambda: "entropy must be [L, N]")
     return entropy.new_empty(entropy.shape, dtype=torch.bool)
 
 
 @torch.library.register_fake("actreplay::replay_scatter")
 def _replay_scatter_fake(hidden, positions, values, mode):
+    _one_device("replay_scatter", hidden=hidden, positions=positions, values=values)
     torch._check(values.shape[0] == positions.shape[0], lambda: "positions/values length mismatch")
     return torch.empty_like(hidden)
 
 
 @torch.library.register_fake("actreplay::topk_kl")
 def _topk_kl_fake(hidden, unembed, norm_weight, eps, target_idx, target_logp):
+    _one_device("topk_kl", hidden=hidden, unembed=unembed, norm_weight=norm_weight, target_idx=target_idx,
+                target_logp=target_logp)
     torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
     return hidden.new_empty((hidden.shape[0],), dtype=_result_dtype(hidden))
 
 
 @torch.library.register_fake("actreplay::topk_logp")
 def _topk_logp_fake(hidden, unembed, norm_weight, eps, target_idx):
+    _one_device("topk_logp", hidden=hidden, unembed=unembed, norm_weight=norm_weight, target_idx=target_idx)
     torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
     return hidden.new_empty(tuple(target_idx.shape), dtype=_result_dtype(hidden))
 
 
 @torch.library.register_fake("actreplay::topk_kl_logq")
 def _topk_kl_logq_fake(hidden, unembed, norm_weight, eps, target_idx, target_logp):
+    _one_device("topk_kl_logq", hidden=hidden, unembed=unembed, norm_weight=norm_weight, target_idx=target_idx,
+                target_logp=target_logp)
     torch._check(target_idx.shape[0] == hidden.shape[0], lambda: "target_idx must be [M, k]")
     dtype = _result_dtype(hidden)
     return hidden.new_empty((hidden.shape[0],), dtype=dtype), hidden.new_empty(tuple(target_idx.shape), dtype=dtype)
@@ -157,11 +189,15 @@ def _topk_kl_logq_fake(hidden, unembed, norm_weight, eps, target_idx, target_log
 
 @torch.library.register_fake("actreplay::topk_kl_backward_logq")
 def _topk_kl_backward_logq_fake(grad_kl, hidden, unembed, norm_weight, eps, target_idx, target_logp, logq):
+    _one_device("topk_kl_backward_logq", grad_kl=grad_kl, hidden=hidden, unembed=unembed, norm_weight=norm_weight,
+                target_idx=target_idx, target_logp=target_logp, logq=logq)
     return torch.empty_like(hidden)
 
 
 @torch.library.register_fake("actreplay::topk_kl_backward")
 def _topk_kl_backward_fake(grad_kl, hidden, unembed, norm_weight, eps, target_idx, target_logp):
+    _one_device("topk_kl_backward", grad_kl=grad_kl, hidden=hidden, unembed=unembed, norm_weight=norm_weight,
+                target_idx=target_idx, target_logp=target_logp)
     return torch.empty_like(hidden)
 
 
@@ -280,3 +316,50 @@ def _replay_scatter_backward(ctx, grad_out):
 torch.library.register_autograd(
     "actreplay::replay_scatter", _replay_scatter_backward, setup_context=_replay_scatter_setup
 )
+
+
+# -------------------------------------------------------------------- autocast
+#
+# Without an autocast kernel the operators ran with autocast still on, so the at:: calls inside
+# the C++ kernels were autocast (their products came back bfloat16 to a float32 kernel: "expected
+# scalar type Float but found BFloat16"). Under autocast the lens operators (a matmul fused with a
+# softmax reduction: autocast keeps softmax, log_softmax and kl_div in float32) compute in the
+# common dtype of their operands (autocast's "promote" rule): with consistent operands, exactly
+# what they compute without autocast. The others only turn autocast off.
+
+#: per operator, the positions of the arguments autocast brings to one dtype: the lens operands (hidden,
+#: unembed, norm_weight), whose dtypes must agree; none for replay_scatter and select_tokens
+_PROMOTED_UNDER_AUTOCAST = {
+    "lens_entropy": (0, 1, 2), "topk_logp": (0, 1, 2), "topk_kl": (0, 1, 2), "topk_kl_logq": (0, 1, 2),
+    "topk_kl_backward": (1, 2, 3), "topk_kl_backward_logq": (1, 2, 3), "replay_scatter": (), "select_tokens": (),
+}
+
+_autocast_lib = torch.library.Library("actreplay", "IMPL")  # kept alive: its registrations last as long
+
+
+def _promoted(args: tuple, positions: Sequence[int]) -> tuple:
+    """`args` with the floating-point tensors at `positions` cast to their widest dtype."""
+    floats = [args[i] for i in positions if isinstance(args[i], torch.Tensor) and args[i].is_floating_point()]
+    if not floats:
+        return args
+    dtype = floats[0].dtype
+    for t in floats[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(a.to(dtype) if i in positions and isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for i, a in enumerate(args))
+
+
+def _autocast_kernel(name: str, device_type: str):
+    op = getattr(_ops, name).default
+    positions = _PROMOTED_UNDER_AUTOCAST[name]
+
+    def kernel(*args):
+        with torch.autocast(device_type, enabled=False):  # excludes this key: the call goes to the kernel
+            return op(*_promoted(args, positions))
+
+    return kernel
+
+
+for _name in _PROMOTED_UNDER_AUTOCAST:
+    for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        _autocast_lib.impl(_name, _autocast_kernel(_name, _device_type), _key)

@@ -146,7 +146,7 @@ class LossPlan:
 
     @classmethod
     def build(cls, targets: ReplayTargets, flat_vis: torch.Tensor, n_visual: List[int], cfg: ReplayConfig,
-              device) -> "LossPlan":
+              device, logp_dtype: torch.dtype = torch.float32) -> "LossPlan":
         layers = [l for l in range(cfg.inject_layer, cfg.depth) if targets.selected[l].numel()]
         plan = cls(cfg.inject_layer, cfg.alignment == "published", layers,
                    [flat_vis.index_select(0, targets.selected[l].to(flat_vis.device)) for l in layers],
@@ -165,7 +165,9 @@ class LossPlan:
         plan.weights = torch.cat(weights)
         plan.rows = torch.cat(row_ids)
         plan.target_idx = torch.cat([targets.target_idx[l] for l in layers]).contiguous()
-        plan.target_logp = torch.cat([targets.target_logp[l].float() for l in layers]).contiguous()
+        # In the lens's result type (float64 for a float64 model, else float32): float64 targets
+        # rounded to float32 left a float64 model replayed against itself a loss of 1e-10.
+        plan.target_logp = torch.cat([targets.target_logp[l].to(logp_dtype) for l in layers]).contiguous()
         return plan
 
     def read(self, h: torch.Tensor, inputs: LayerInputs, adapter: ModelAdapter, checkpoint: bool) -> List[torch.Tensor]:
@@ -221,7 +223,7 @@ def _optimize_distinct(adapter: ModelAdapter, pre: Prefill, targets: ReplayTarge
     inputs = pre.layers.prefix(P)
     lens = lens_params(adapter)
     targets = targets.to(lens[0].device)
-    plan = LossPlan.build(targets, flat_vis, n_visual, cfg, lens[0].device)
+    plan = LossPlan.build(targets, flat_vis, n_visual, cfg, lens[0].device, ops.result_dtype(lens[0].dtype))
     with torch.no_grad():  # layers before the injection point do not depend on the offsets
         hidden = run_layers(adapter, pre.hidden0[:, :P].detach(), inputs, 0, cfg.inject_layer)
     delta, losses = _descend(adapter, plan, hidden, flat_vis, inputs, lens, cfg, start, n_visual)
@@ -237,7 +239,7 @@ def _loss_at(adapter: ModelAdapter, plan: LossPlan, flat_hidden: torch.Tensor, f
     """One evaluation of the loop: the offsets added at the inject layer's input,
     the loop's layers, the lens KL at the selected tokens. Returns (loss, kl)."""
     unembed, norm_w, eps = lens
-    h = ops.replay_scatter(flat_hidden, flat_vis, delta, "add").to(dtype).view(shape)
+    h = ops.replay_scatter(flat_hidden, flat_vis, delta.to(flat_hidden.dtype), "add").to(dtype).view(shape)
     rows = torch.cat(plan.read(h, inputs, adapter, checkpoint)).to(unembed.device).contiguous()
     kl = ops.topk_kl(rows, unembed, norm_w, eps, plan.target_idx, plan.target_logp)
     return (kl * plan.weights).sum(), kl
@@ -265,7 +267,7 @@ def _descend(adapter: ModelAdapter, plan: LossPlan, start: torch.Tensor, flat_vi
     evaluation, summed over the rows)."""
     B, P, D = start.shape
     dtype = start.dtype
-    flat_hidden = start.reshape(B * P, D).float()
+    flat_hidden = start.reshape(B * P, D).to(ops.result_dtype(dtype))
     checkpoint = cfg.checkpoint is True or (cfg.checkpoint == "auto" and B * P >= AUTO_CHECKPOINT_TOKENS)
     n = int(flat_vis.numel())
     if init is not None and tuple(init.shape) != (n, D):

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..models.base import BetweenLayers, LayerKwargs, ModelAdapter
+from ..models.calls import CACHE_KWARGS, cache_length
 from .images import image_hashes, vision_dtype
 from .layers import LayerInputs
 from .reentry import internal_forward
@@ -66,10 +67,25 @@ class _StopForward(Exception):
     """Raised from a hook once the forward has produced what we need."""
 
 
+def _check_no_cache(inputs: Dict) -> None:
+    """The replay reads the prompt's activations from position 0: a prompt that continues from a
+    KV cache would be read from the cache's positions on (offsets learned some 0.03 off)."""
+    for key in CACHE_KWARGS:
+        cache = inputs.get(key)
+        if cache is None or (isinstance(cache, (tuple, list)) and not cache):
+            continue
+        n = cache_length({key: cache}) if hasattr(cache, "get_seq_length") else None
+        if n != 0:  # a Cache holding positions, or a kind whose length cannot be told (legacy tuples)
+            held = f"holds {n} cached positions" if n is not None else f"is a {type(cache).__name__}"
+            raise ValueError(f"actreplay_ext: argument 'inputs' carries a KV cache ('{key}' {held}); the replay "
+                             "reads the whole prompt from position 0: pass the prompt without it")
+
+
 def capture_prefill(adapter: ModelAdapter, inputs: Dict) -> Prefill:
     """Run `model(**inputs)` only as far as the input of decoder layer 0 (the
     vision tower and embedding merge run; no decoder layer does) and return it.
     The model's mutable state (e.g. Qwen's rope_deltas) is left as it was."""
+    _check_no_cache(inputs)
     fwd = adapter.forward_inputs(inputs)
     fwd.pop("use_cache", None)
     if fwd.get("input_ids") is None:

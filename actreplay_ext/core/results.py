@@ -27,7 +27,7 @@ class ReplayTargets:
 
     input_ids: torch.Tensor  # [B, T], the prompt these targets belong to
     n_visual: List[int]  # visual tokens per row
-    entropy: torch.Tensor  # [layers, n_total] float32
+    entropy: torch.Tensor  # [layers, n_total] float32 (float64 for a float64 model, as target_logp)
     selected: List[torch.Tensor]
     target_idx: List[torch.Tensor]
     target_logp: List[torch.Tensor]
@@ -131,8 +131,9 @@ def _check_consistent(t: "ReplayTargets", bad) -> None:
     if t.row_map is not None and (not isinstance(t.row_map, list) or any(
             isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < ids.shape[0] for r in t.row_map)):
         raise bad("metadata 'row_map'", f"must map rows to distinct rows in [0, {ids.shape[0]}), got {t.row_map!r}")
-    if t.entropy.shape != (L, n_total) or t.entropy.dtype != torch.float32:
-        raise bad("'entropy'", f"must be [{L}, {n_total}] float32, got {tuple(t.entropy.shape)} {t.entropy.dtype}")
+    if t.entropy.shape != (L, n_total) or t.entropy.dtype not in (torch.float32, torch.float64):
+        raise bad("'entropy'", f"must be [{L}, {n_total}] float32 (float64 for a float64 model), "
+                               f"got {tuple(t.entropy.shape)} {t.entropy.dtype}")
     vocab = (t.model or {}).get("vocab_size") if isinstance(t.model, dict) else None
     k = cfg["topv"]
     for l in range(L):

@@ -35,8 +35,7 @@ class BasePass:
     def prompt(self, rec: ForwardRecord) -> Dict:
         """The prompt of the forward `rec`, as inputs of the base model."""
         prompt = self.rlvr.prompt_from_forward(rec.kwargs, rec.vision_calls)
-        model = self.adapter.model
-        device = getattr(model, "device", None) or next(model.parameters()).device
+        device = self.adapter.input_device()  # not model.device: the meta device when accelerate offloads
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in prompt.items()}
 
     def prefill(self, rec: ForwardRecord) -> Prefill:

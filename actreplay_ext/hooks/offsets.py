@@ -35,7 +35,8 @@ log = logging.getLogger("actreplay_ext")
 
 
 def add_offsets(hidden: torch.Tensor, visual: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """hidden [B, T, D] with the offsets added at the visual positions, in float32."""
+    """hidden [B, T, D] with the offsets added at the visual positions, in float32 (float64
+    for a float64 model: a float32 rounding would change its hidden state even with zero offsets)."""
     B, T, D = hidden.shape
     flat_vis = visual.reshape(-1).nonzero().squeeze(1).to(hidden.device)
     if flat_vis.numel() != deltas.shape[0]:
@@ -43,7 +44,8 @@ def add_offsets(hidden: torch.Tensor, visual: torch.Tensor, deltas: torch.Tensor
             f"actreplay_ext: the offsets are for {deltas.shape[0]} visual tokens but the prompt has "
             f"{flat_vis.numel()}; they belong to another prompt"
         )
-    out = ops.replay_scatter(hidden.reshape(B * T, D).float(), flat_vis, deltas.to(hidden.device).float(), "add")
+    dtype = ops.result_dtype(hidden.dtype)
+    out = ops.replay_scatter(hidden.reshape(B * T, D).to(dtype), flat_vis, deltas.to(hidden.device, dtype), "add")
     return out.to(hidden.dtype).view(B, T, D)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .calls import bound_kwargs
 from .matching import encoded_order
+from .offload import execution_device, loaded_tensor
 
 __all__ = ["ModelAdapter", "PrefillState", "BetweenLayers", "LayerKwargs"]
 
@@ -97,21 +98,35 @@ class ModelAdapter:
                 return float(getattr(norm, name))
         raise AttributeError(f"cannot find the epsilon of {type(norm).__name__}")
 
+    def unembedding(self) -> nn.Module:
+        """The module whose ``weight`` is the unembedding ``[V, D]`` (the lm_head)."""
+        return self.model.lm_head
+
     def unembed(self) -> torch.Tensor:
-        return self.model.lm_head.weight
+        """The unembedding ``[V, D]`` with its data, also where accelerate offloads the lm_head."""
+        return loaded_tensor(self.unembedding(), "weight", "the unembedding (lm_head.weight)")
+
+    def final_norm_weight(self) -> torch.Tensor:
+        """The final norm's weight with its data, also where accelerate offloads the norm."""
+        return loaded_tensor(self.final_norm(), "weight", "the final norm's weight")
 
     def lens_norm_weight(self) -> torch.Tensor:
         """The weight the logit lens's RMSNorm multiplies by: ``h * rsqrt(mean(h^2) + eps) * w``
         (SPEC §2). Most families scale by the final norm's weight itself; Gemma's
         RMSNorm scales by ``1 + weight`` and overrides this. Everything that reads
         the lens (engine, direct mode, analysis, the parity oracle) takes it from here."""
-        return self.final_norm().weight
+        return self.final_norm_weight()
 
     def scale_lens_norm(self, factor: float) -> None:
         """Multiply the effective lens norm weight (`lens_norm_weight`) by `factor`,
         in place: sharpens a random tiny model's lens (`tiny.finish`)."""
         with torch.no_grad():
             self.final_norm().weight.mul_(factor)
+
+    def input_device(self) -> torch.device:
+        """Where the model's inputs go: where its token embedding runs (with accelerate's
+        offloading its weights are on the meta device; its hook's execution device)."""
+        return execution_device(self.model.get_input_embeddings())
 
     def vision_tower(self) -> Optional[nn.Module]:
         return None
@@ -129,7 +144,7 @@ class ModelAdapter:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.unembed().shape[0])
+        return int(self.unembedding().weight.shape[0])  # the shape only: an offloaded weight is not loaded
 
     # ---- inputs
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

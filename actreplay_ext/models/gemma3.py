@@ -144,7 +144,7 @@ class Gemma3Adapter(LlavaAdapter):
         return int(self.model.config.mm_tokens_per_image)
 
     def lens_norm_weight(self) -> torch.Tensor:
-        weight = self.final_norm().weight
+        weight = self.final_norm_weight()
         # The lens operators take the weight in the activations' dtype (the model's):
         # exact in float32; in bfloat16, 1 + w is rounded once (relative 2^-9).
         return (1.0 + weight.float()).to(weight.dtype)

@@ -4,6 +4,7 @@ raises. (What every family must satisfy, parity with the published loop
 included, is tests/models/test_families.py; patch() itself, tests/hooks.)"""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -151,6 +152,18 @@ def test_config_validation_and_presets():
         ar.ReplayConfig(lr=-1.0)
     with pytest.raises(ValueError, match="'topk_tokens'"):
         ar.ReplayConfig(rule="topk")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(select="high"), dict(rule="topk", topk_tokens=2)])
+def test_topv_1_is_refused_with_its_reason(kw):
+    """A softmax over one target is 1 for both models: the loss and the offsets would be 0."""
+    with pytest.raises(ValueError, match=r"^ReplayConfig: 'topv' must be >= 2 for mode='tokens', got 1: .* over one "
+                                         r"token both are 1, so the loss and the offsets would be 0"):
+        ar.ReplayConfig(topv=1, **kw)
+    with pytest.raises(ValueError, match="'topv' must be >= 2"):  # also reached by a copy
+        dataclasses.replace(ar.ReplayConfig(mode="direct", topv=1), mode="tokens", thresholds=None, layers=3)
+    assert ar.ReplayConfig(topv=2, **kw).topv == 2
+    assert ar.ReplayConfig(mode="direct", topv=1).topv == 1  # direct mode has no KL: topv is not read
 
 
 def test_model_mismatches_are_clear_errors(pair):

@@ -120,3 +120,52 @@ def test_train_mode_and_gradient_checkpointing_are_bitwise_unpatched(twins):
     assert torch.equal(patched.logits, plain.logits) and torch.equal(patched.loss, plain.loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) == len(plain_grads) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
+# ------------------------------------------------------------------ float64
+# A float64 model replayed against itself is exact too: the targets stay float64 in the loss
+# (they were rounded to float32: losses of 1e-10) and the offsets are added in float64 (a
+# float32 rounding changed the hidden state even with zero offsets).
+
+
+@pytest.fixture(scope="module")
+def twins64(twins):
+    base, model = twins
+    return copy.deepcopy(base).double(), copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(lr=1000.0, steps=5), dict(layers=4, normalize=False)])
+def test_a_float64_model_against_itself_has_loss_and_offsets_exactly_zero(twins64, kw):
+    base, model = twins64
+    inputs = tiny.make_inputs(model)
+    cfg = ar.ReplayConfig(**{"layers": 3, "alignment": "matched", **kw})
+    targets = ar.compute_targets(base, inputs, cfg)
+    assert targets.target_logp[0].dtype == torch.float64
+    result = ar.optimize(model, inputs, targets, cfg)
+    assert sum(result.selected) > 0
+    assert result.losses == [0.0] * cfg.steps
+    assert torch.count_nonzero(result.deltas) == 0
+
+
+def test_a_float64_models_targets_round_trip_through_a_file(twins64, tmp_path):
+    """Saved float64 targets load as saved (their entropy was refused for not being float32)."""
+    base, model = twins64
+    inputs = tiny.make_inputs(model)
+    cfg = ar.ReplayConfig(layers=3, alignment="matched", steps=3)
+    targets = ar.compute_targets(base, inputs, cfg)
+    targets.save(str(tmp_path / "t.safetensors"))
+    loaded = ar.ReplayTargets.load(str(tmp_path / "t.safetensors"))
+    assert loaded.entropy.dtype == torch.float64 and torch.equal(loaded.entropy, targets.entropy)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.target_logp, targets.target_logp))
+    result = ar.optimize(model, inputs, loaded, cfg)
+    assert result.losses == [0.0] * cfg.steps and torch.count_nonzero(result.deltas) == 0
+
+
+def test_a_float64_model_patched_against_itself_generates_bitwise_unpatched(twins64):
+    base, model = twins64
+    inputs = tiny.make_inputs(model)
+    plain = _generate(model, inputs, PATHS["outputs"])
+    with ar.patch(model, base=base, config=ar.ReplayConfig(layers=3, alignment="matched")) as handle:
+        patched = _generate(model, inputs, PATHS["outputs"])
+    assert handle.last.losses == [0.0] * handle.last.config["steps"]
+    assert _same(patched, plain)
