@@ -26,7 +26,7 @@ def test_a_generate_that_failed_after_encoding_leaves_nothing_behind(family):
     x = fam.prompt(rlvr, "one_image")
     cfg = ar.ReplayConfig(layers=2, steps=2, lr=fam.lr)
     with ar.patch(rlvr, base=base, config=cfg) as h:
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="max_length"):
             rlvr.generate(**x, max_length=2, do_sample=False)  # shorter than the prompt
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no KV-cache warning either
