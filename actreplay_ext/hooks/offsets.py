@@ -94,8 +94,14 @@ class TokenReplay(_OffsetsHandle):
             )
 
     def set_targets(self, targets: Optional[ReplayTargets]) -> None:
+        if not self.active:
+            raise RuntimeError(f"actreplay_ext: set_targets() on {self!r}: a removed handle replays nothing; "
+                               "call actreplay_ext.patch(...) again")
         self._targets = targets
         self._records.forget()
+
+    def _release(self) -> None:
+        self.base = self._base = self._targets = None
 
     def _offsets_for(self, rec):
         pre = self._capture(rec)
@@ -149,7 +155,13 @@ class FixedOffsets(_OffsetsHandle):
                 raise ValueError(f"actreplay_ext.apply: the result holds no offsets ({why}) and this prompt has "
                                  "visual tokens; optimize on these inputs")
             return None
-        ids, learned = rec.input_ids, self.result.input_ids
+        deltas = self._learned_rows(rec.input_ids)
+        self.last = self.result  # what this prompt got, as patch() handles say
+        return deltas
+
+    def _learned_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The offsets of each row of `ids`: those of the learned row it repeats."""
+        learned = self.result.input_ids
         if learned is None or (ids.shape == learned.shape and torch.equal(ids.cpu(), learned.cpu())):
             return self.result.flat_deltas()
         rows: List[torch.Tensor] = self.result.deltas if isinstance(self.result.deltas, list) else [self.result.deltas]
