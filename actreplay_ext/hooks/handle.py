@@ -8,7 +8,9 @@ Hooks on the model, all removed by `remove()`:
     cache) is prepared there, before the model's forward starts, so that the
     library's own forwards never run inside it (where transformers' output
     collectors would record them); a forward hook (`always_call=True`) drops
-    the record when the forward ends, also by an exception;
+    the record when the forward ends, also by an exception (the same pair
+    on a PEFT tuner wrapping the model, whose forward runs the model's
+    forward without calling the model);
   * a forward pre-hook on the vision tower records its calls (transformers 5.x
     encodes images in `generate` before the first forward and passes only the
     features, so the base model's pixels are recovered from here);
@@ -35,6 +37,7 @@ import torch
 from ..core import Prefill, ReplayResult, capture_prefill, in_internal_forward, internal_forward, record_layer_loop
 from ..models.calls import CACHE_KWARGS, bound_kwargs, cache_length
 from ..models.registry import get_adapter
+from ..models.wrappers import forward_entries
 from .installed import InstalledHook
 from .record import ForwardRecord, Records
 
@@ -73,9 +76,9 @@ class ReplayHandle:
 
     def __init__(self, model: torch.nn.Module):
         self.adapter = get_adapter(model, "model")
-        inner = self.adapter.model
+        inner = self.adapter.model  # torch.compile and PEFT wrappers unwrapped
         self._model = weakref.ref(inner)
-        self._entries = [inner]
+        self._entries = [inner, *forward_entries(model)]
         self._described = f"{type(inner).__name__} at {id(inner):#x}"
         self.last: Optional[ReplayResult] = None
         self._records = Records()
@@ -88,7 +91,8 @@ class ReplayHandle:
 
     @property
     def model(self) -> Optional[torch.nn.Module]:
-        """The patched model; None once the handle is removed and the model freed."""
+        """The patched model (the one inside a torch.compile or PEFT wrapper); None
+        once the handle is removed and the model freed."""
         return self._model()
 
     # ------------------------------------------------------------ lifecycle
@@ -104,7 +108,7 @@ class ReplayHandle:
                 )
             _LIVE[model] = weakref.ref(self)  # weak: the registry must not keep the handle, nor so the model, alive
         try:
-            for entry in self._entries:
+            for entry in self._entries:  # the model, and wrappers that run its forward without calling it
                 self._register(entry, self._begin, with_kwargs=True)
                 self._register(entry, self._end, hook="forward", with_kwargs=True, always_call=True)
             tower = self.adapter.vision_tower()
@@ -177,7 +181,8 @@ class ReplayHandle:
     def _begin(self, module, args, kwargs):
         if in_internal_forward():
             return None
-        kwargs = bound_kwargs(module.forward, args, kwargs)
+        # bound by the patched model's signature: a wrapper's forward may take (*args, **kwargs)
+        kwargs = bound_kwargs(self.adapter.model.forward, args, kwargs)
         rec = ForwardRecord(kwargs, kwargs.get("input_ids"), cache_length(kwargs), [])
         self._records.begin(rec, claims=self.adapter.has_visual_input(kwargs, []))
         if self._classify(rec) == "prefill":
