@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import numbers
 from typing import Callable, ClassVar, Optional, Sequence, Union
@@ -59,6 +60,8 @@ class ReplayConfig:
     torch.compile, dynamic shapes, compiled once per process (opt-in: on CPU the
     first prompt pays the compilation; see benchmarks/RESULTS.md).
     callback: called with (step, loss) after each step's loss is known.
+    Numbers may be of any numeric type (numpy scalars and 1-D arrays, Fraction,
+    Decimal): they are kept as the Python int or float they stand for.
     """
 
     layers: Optional[Union[int, Sequence[int]]] = None
@@ -83,6 +86,7 @@ class ReplayConfig:
     OPTIMIZERS: ClassVar[tuple] = OPTIMIZERS
 
     def __post_init__(self):
+        self._normalise_numbers()
         for name, choices in _CHOICES.items():
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise ValueError(
@@ -150,6 +154,24 @@ class ReplayConfig:
                 _real(f"thresholds[{i}]", x, None)
             self.thresholds = [float(x) for x in t]
 
+    def _normalise_numbers(self) -> None:
+        """Numbers of any numeric type (numpy scalars, Fraction, Decimal) as the
+        Python int or float they stand for, and 1-D arrays of layers or thresholds
+        as lists, so that what is recorded (as_dict, result and target files) is
+        plain JSON and equal to the same config written with Python numbers;
+        anything else stays as given, for the checks that follow to name it."""
+        for name in _INT_FIELDS:
+            setattr(self, name, _as_number(getattr(self, name), integral=True))
+        for name in _REAL_FIELDS:
+            setattr(self, name, _as_number(getattr(self, name), integral=False))
+        layers, thresholds = _as_list(self.layers), _as_list(self.thresholds)
+        self.layers = [_as_number(l, integral=True) for l in layers] if isinstance(layers, list) else \
+            _as_number(layers, integral=True)
+        if isinstance(thresholds, list):
+            self.thresholds = [_as_number(t, integral=False) for t in thresholds]
+        k = self.topk_tokens  # a count (an integral number) or a fraction (any other real number)
+        self.topk_tokens = _as_number(k, integral=isinstance(k, numbers.Integral))
+
     @property
     def step_size(self) -> float:
         """The lr the loop uses: `lr`, or the optimizer's DEFAULT_LR when lr is None."""
@@ -210,6 +232,33 @@ class ReplayConfig:
         if overrides.get("optimizer", "sgd") != "sgd" and "lr" not in overrides:
             settings.pop("lr", None)  # the presets' lr is sgd's; another optimizer takes its own default
         return cls(**{**settings, **overrides})
+
+
+_INT_FIELDS = ("topv", "steps", "inject_layer")
+_REAL_FIELDS = ("entropy_threshold", "lr", "tol")
+
+
+def _as_number(value, integral: bool):
+    """An integral number (numpy ints too) as an int, or, where `integral` is
+    False, a real number (numpy floats, Fraction, Decimal) as a float; bools and
+    everything else unchanged (refused by the checks)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
+        return value
+    if integral:
+        return int(value) if isinstance(value, numbers.Integral) else value
+    try:
+        return float(value)
+    except OverflowError:  # a Fraction or Decimal beyond float: not finite, refused as such
+        return math.inf if value > 0 else -math.inf
+
+
+def _as_list(value):
+    """A list, tuple, range or 1-D array (numpy, torch) as a list; anything else unchanged."""
+    if isinstance(value, (list, tuple, range)):
+        return list(value)
+    if getattr(value, "ndim", None) == 1 and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return value
 
 
 def layer_list(layers) -> tuple:

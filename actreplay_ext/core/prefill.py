@@ -47,10 +47,11 @@ def layer_inputs(kwargs: Dict, between: Optional[BetweenLayers] = None,
 
 
 def record_layer_loop(adapter: ModelAdapter, store: Callable[[Optional[BetweenLayers], Optional[LayerKwargs]], None],
-                      active: Callable[[], bool] = lambda: True):
+                      active: Callable[[], bool] = lambda: True, wrap: Callable = lambda hook: hook):
     """A forward pre-hook on the adapter's layer-loop module that hands what each
     of its calls carries to `store(between, per_layer)` whenever `active()`;
-    None when the family has none."""
+    None when the family has none. `wrap(hook)` is what is registered (a
+    handle's hooks are wrapped to stay out of copies of the model)."""
     module = adapter.layer_loop_module()
     if module is None:
         return None
@@ -60,7 +61,7 @@ def record_layer_loop(adapter: ModelAdapter, store: Callable[[Optional[BetweenLa
             call = adapter.layer_loop_call(args, kwargs)
             store(adapter.between_layers_from_call(call), adapter.layer_kwargs_from_call(call))
 
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return module.register_forward_pre_hook(wrap(hook), with_kwargs=True)
 
 
 class _StopForward(Exception):

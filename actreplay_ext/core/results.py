@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -73,6 +74,8 @@ class ReplayTargets:
         bad file is a ValueError naming the file and the field."""
         from safetensors import SafetensorError, safe_open
 
+        _check_is_file(path, "ReplayTargets")
+
         def bad(field, problem):
             return ValueError(f"ReplayTargets.load: {path!r}: {field} {problem}")
 
@@ -108,6 +111,14 @@ class ReplayTargets:
                       config=fields["config"], row_map=fields["row_map"], model=fields["model"], images=images)
         _check_consistent(targets, bad)
         return targets.to(device)
+
+
+def _check_is_file(path, kind: str) -> None:
+    """`path` is not a directory (safetensors would report "No such device");
+    a missing file stays a FileNotFoundError."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{kind}.load: argument 'path' is a directory ({str(path)!r}); expected a file "
+                                f"written by {kind}.save")
 
 
 def _check_consistent(t: "ReplayTargets", bad) -> None:
@@ -222,6 +233,8 @@ class ReplayResult:
         that is JSON of the right kind); a bad file is a ValueError naming the
         file and the field."""
         from safetensors import SafetensorError, safe_open
+
+        _check_is_file(path, "ReplayResult")
 
         def bad(field, problem):
             return ValueError(f"ReplayResult.load: {path!r}: {field} {problem}")

@@ -45,16 +45,14 @@ def check_config_for(adapter: ModelAdapter, cfg: ReplayConfig, argument: str) ->
 
 def check_targets(targets: ReplayTargets, pre: Prefill, row_map: List[int], cfg: ReplayConfig,
                   adapter: ModelAdapter) -> None:
-    """The targets were made for this prompt (ids, repeated rows), model and configuration."""
+    """The targets were made for this prompt, model and configuration. `pre`
+    holds the prompt's distinct rows and `row_map` how its batch repeats them;
+    targets hold a batch's distinct rows too, so they fit any repetition of
+    them (targets of one prompt serve its beams and Pass@K samples)."""
     mine = model_info(adapter)
     if targets.model is not None and targets.model != mine:
         raise ValueError(
             f"actreplay_ext: the targets were made with another model ({targets.model}); this model has {mine}"
-        )
-    if targets.row_map is not None and list(targets.row_map) != list(row_map):
-        raise ValueError(
-            "actreplay_ext: the targets were computed for a batch with other repeated rows "
-            f"(rows -> distinct rows: targets {targets.row_map}, inputs {row_map})"
         )
     ids = targets.input_ids
     if tuple(ids.shape) != tuple(pre.input_ids.shape) or not torch.equal(ids.cpu(), pre.input_ids.cpu()):

@@ -35,6 +35,9 @@ class DirectReplay(ReplayHandle):
             warnings.warn("actreplay_ext.patch: mode='direct' without a base model leaves generation unchanged; "
                           "pass base=...", stacklevel=3)
 
+    def _release(self) -> None:
+        self.base = self._base = None
+
     def _install_mode(self, layers) -> None:
         for l in self.config.replay_layers:
             self._hook(layers[l], functools.partial(self._on_layer, l))

@@ -8,7 +8,9 @@ Hooks on the model, all removed by `remove()`:
     cache) is prepared there, before the model's forward starts, so that the
     library's own forwards never run inside it (where transformers' output
     collectors would record them); a forward hook (`always_call=True`) drops
-    the record when the forward ends, also by an exception;
+    the record when the forward ends, also by an exception (the same pair
+    on a PEFT tuner wrapping the model, whose forward runs the model's
+    forward without calling the model);
   * a forward pre-hook on the vision tower records its calls (transformers 5.x
     encodes images in `generate` before the first forward and passes only the
     features, so the base model's pixels are recovered from here);
@@ -17,7 +19,10 @@ Hooks on the model, all removed by `remove()`:
     module that receives it records it in the forward's record;
   * the mode's pre-hooks on decoder layers, which apply what was prepared.
 Forwards the library runs itself (`core.internal_forward`) are left alone.
-A model has at most one live handle: patching it again is an error.
+A model has at most one live handle: patching it again is an error. The
+hooks are `InstalledHook`s: a copy of the model (deepcopy, torch.save) comes
+out unpatched. The model's hooks hold the handle and nothing global does, so a
+patched model dropped without remove() is freed with its handle and base.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ from ..core import (
 )
 from ..models.calls import CACHE_KWARGS, bound_kwargs, cache_length
 from ..models.registry import get_adapter
+from ..models.wrappers import forward_entries
+from .installed import InstalledHook
 from .record import ForwardRecord, Records
 
 __all__ = ["ReplayHandle", "with_hidden", "hidden_of"]
 
-#: The live handle of each patched model.
-_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, ReplayHandle]" = weakref.WeakKeyDictionary()
+#: The live handle of each patched model, held weakly: the model's hooks hold the
+#: handle, and a patched model dropped without remove() is freed with it.
+_LIVE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _LIVE_LOCK = threading.Lock()
 
 #: Forward arguments that do not describe the prompt (a capture runs without a cache and outputs).
@@ -67,14 +75,20 @@ def with_hidden(args, kwargs, hidden):
 
 
 class ReplayHandle:
-    """The installed hooks of one patched model. Use as a context manager or
-    call `remove()`. `last` is the ReplayResult (or note) of the latest prompt."""
+    """The installed hooks of one patched model, active from construction until
+    `remove()`; also a context manager that removes them on leaving the block.
+    `last` is the ReplayResult (or note) of the latest prompt, and stays
+    readable after `remove()`, which releases the rest: the base model, the
+    remembered prompt's tensors, and the handle's hold on the model."""
 
     layers_of_result = 0  # replay layers, for the notes of prompts that are not replayed
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
         self.adapter = get_adapter(model, "model")
+        inner = self.adapter.model  # torch.compile and PEFT wrappers unwrapped
+        self._model = weakref.ref(inner)
+        self._entries = [inner, *forward_entries(model)]
+        self._described = f"{type(inner).__name__} at {id(inner):#x}"
         self.last: Optional[ReplayResult] = None
         self._records = Records()
         self._handles = []
@@ -82,26 +96,35 @@ class ReplayHandle:
 
     def __repr__(self):
         state = "active" if self.active else "removed"
-        return f"<{type(self).__name__} on {type(self.model).__name__} at {id(self.model):#x}, {state}>"
+        return f"<{type(self).__name__} on {self._described}, {state}>"
+
+    @property
+    def model(self) -> Optional[torch.nn.Module]:
+        """The patched model (the one inside a torch.compile or PEFT wrapper); None
+        once the handle is removed and the model freed."""
+        return self._model()
 
     # ------------------------------------------------------------ lifecycle
     def _install(self) -> "ReplayHandle":
+        model = self.model
         with _LIVE_LOCK:
-            live = _LIVE.get(self.model)
+            ref = _LIVE.get(model)
+            live = ref() if ref is not None else None
             if live is not None and live.active:
                 raise RuntimeError(
-                    f"actreplay_ext: this {type(self.model).__name__} already has a live replay handle, {live!r}; "
+                    f"actreplay_ext: this {type(model).__name__} already has a live replay handle, {live!r}; "
                     "call its remove() (or leave its with-block) before patch()/apply() again"
                 )
-            _LIVE[self.model] = self
+            _LIVE[model] = weakref.ref(self)  # weak: the registry must not keep the handle, nor so the model, alive
         try:
-            model = self.model
-            self._handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
-            self._handles.append(model.register_forward_hook(self._end, with_kwargs=True, always_call=True))
+            for entry in self._entries:  # the model, and wrappers that run its forward without calling it
+                self._register(entry, self._begin, with_kwargs=True)
+                self._register(entry, self._end, hook="forward", with_kwargs=True, always_call=True)
             tower = self.adapter.vision_tower()
             if tower is not None:
-                self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
-            loop = record_layer_loop(self.adapter, self._on_layer_loop, lambda: self._current() is not None)
+                self._register(tower, self._on_vision, with_kwargs=True)
+            loop = record_layer_loop(self.adapter, self._on_layer_loop, lambda: self._current() is not None,
+                                     wrap=InstalledHook)
             if loop is not None:
                 self._handles.append(loop)
             self._install_mode(self.adapter.decoder_layers())
@@ -114,17 +137,32 @@ class ReplayHandle:
         """Hooks of the mode on the decoder layers."""
 
     def _hook(self, module: torch.nn.Module, fn) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        """A forward pre-hook of the mode (with kwargs) on `module`."""
+        self._register(module, fn, with_kwargs=True)
+
+    def _register(self, module: torch.nn.Module, fn, hook: str = "forward_pre", **options) -> None:
+        register = module.register_forward_pre_hook if hook == "forward_pre" else module.register_forward_hook
+        self._handles.append(register(InstalledHook(fn), **options))
 
     def remove(self) -> None:
-        """Remove every hook; the model is exactly as before patch()."""
+        """Remove every hook (the model is exactly as before patch()) and release
+        what the handle held for the replay; `last` stays. Calling it again does nothing."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._records.forget()
+        model = self.model
         with _LIVE_LOCK:
-            if _LIVE.get(self.model) is self:
-                del _LIVE[self.model]
+            ref = _LIVE.get(model) if model is not None else None
+            if ref is not None and ref() in (self, None):
+                del _LIVE[model]
+        # a handle kept to read `last` must not keep the base model, the prompt's tensors or the model alive
+        self._records = Records()
+        self._release()
+        self.adapter = None
+        self._entries = []
+
+    def _release(self) -> None:
+        """What the mode drops at remove(): its base model, targets."""
 
     def reset(self) -> None:
         """Forget per-conversation state (recorded vision inputs, remembered prompts, `last`)."""
@@ -132,6 +170,12 @@ class ReplayHandle:
         self.last = None
 
     def __enter__(self):
+        if not self.active:
+            # a removed handle has let go of its base model: re-entering cannot replay, and must not pass silently
+            raise RuntimeError(
+                f"actreplay_ext: {self!r} was removed (its with-block ended or remove() was called) and cannot be "
+                "entered again; call actreplay_ext.patch(...) or apply(...) for a new handle"
+            )
         return self
 
     def __exit__(self, *exc):
@@ -146,7 +190,8 @@ class ReplayHandle:
     def _begin(self, module, args, kwargs):
         if in_internal_forward():
             return None
-        kwargs = bound_kwargs(module.forward, args, kwargs)
+        # bound by the patched model's signature: a wrapper's forward may take (*args, **kwargs)
+        kwargs = bound_kwargs(self.adapter.model.forward, args, kwargs)
         rec = ForwardRecord(kwargs, kwargs.get("input_ids"), cache_length(kwargs), [])
         self._records.begin(rec, claims=self.adapter.has_visual_input(kwargs, []),
                             encoded_calls=self.adapter.encoded_calls(kwargs))

@@ -97,8 +97,14 @@ class TokenReplay(_OffsetsHandle):
             )
 
     def set_targets(self, targets: Optional[ReplayTargets]) -> None:
+        if not self.active:
+            raise RuntimeError(f"actreplay_ext: set_targets() on {self!r}: a removed handle replays nothing; "
+                               "call actreplay_ext.patch(...) again")
         self._targets = targets
         self._records.forget()
+
+    def _release(self) -> None:
+        self.base = self._base = self._targets = None
 
     def _offsets_for(self, rec):
         pre = self._capture(rec)
@@ -134,13 +140,17 @@ class TokenReplay(_OffsetsHandle):
 class FixedOffsets(_OffsetsHandle):
     """One result's offsets, added at the prefill of the prompt they were learned
     on (what `apply()` installs); rows that repeat a learned row (Pass@K,
-    beams) get that row's offsets, any other prompt is an error."""
+    beams) get that row's offsets, and so does a row that extends one with text
+    (generate(use_cache=False), where each step is the whole sequence, and an
+    assistant model's candidates checked with the prompt); any other prompt is
+    an error."""
 
     def __init__(self, model, result: ReplayResult):
         if result.direct:
             raise ValueError("actreplay_ext.apply: the result is a direct substitution (mode='direct'), which learns "
                              "no offsets; replay it with patch(model, base=base, config=ReplayConfig(mode='direct'))")
         super().__init__(model)
+        _check_result_fits(result, self.adapter)
         self.result = result
         self.inject_layer = result.inject_layer
         self._install()
@@ -152,20 +162,30 @@ class FixedOffsets(_OffsetsHandle):
                 raise ValueError(f"actreplay_ext.apply: the result holds no offsets ({why}) and this prompt has "
                                  "visual tokens; optimize on these inputs")
             return None
-        ids, learned = rec.input_ids, self.result.input_ids
+        deltas = self._learned_rows(rec.input_ids)
+        self._check_images(rec)
+        self.last = self.result  # what this prompt got, as patch() handles say
+        return deltas
+
+    def _learned_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The offsets of each row of `ids`: those of the learned row it is or extends with text."""
+        learned = self.result.input_ids
         if learned is None or (ids.shape == learned.shape and torch.equal(ids.cpu(), learned.cpu())):
-            self._check_images(rec)
             return self.result.flat_deltas()
         rows: List[torch.Tensor] = self.result.deltas if isinstance(self.result.deltas, list) else [self.result.deltas]
+        ids, learned = ids.cpu(), learned.cpu()
+        visual = self.adapter.visual_mask(ids).cpu()
+        T = learned.shape[1]
         picked = []
         for f in range(ids.shape[0]):
-            same = [r for r in range(learned.shape[0]) if ids.shape[1] == learned.shape[1]
-                    and torch.equal(ids[f].cpu(), learned[r].cpu())]
+            # the learned row itself, or the learned row followed by text only (no cache, assisted decoding)
+            same = [r for r in range(learned.shape[0]) if ids.shape[1] >= T and torch.equal(ids[f, :T], learned[r])
+                    and not bool(visual[f, T:].any())]
             if not same:
                 raise ValueError(
                     f"actreplay_ext.apply: row {f} of this prompt's input_ids is not a prompt the result was "
-                    f"learned on (its input_ids: {tuple(learned.shape)}, this forward: {tuple(ids.shape)}); "
-                    "optimize on these inputs"
+                    f"learned on, nor one followed by text (its input_ids: {tuple(learned.shape)}, this forward: "
+                    f"{tuple(ids.shape)}); optimize on these inputs"
                 )
             if any(not torch.equal(rows[same[0]], rows[r]) for r in same[1:]):
                 raise ValueError(
@@ -173,7 +193,6 @@ class FixedOffsets(_OffsetsHandle):
                     "(same ids, other images); pass the rows as they were optimised"
                 )
             picked.append(rows[same[0]])
-        self._check_images(rec)
         return torch.cat(picked, 0)
 
     def _check_images(self, rec: ForwardRecord) -> None:
@@ -183,3 +202,18 @@ class FixedOffsets(_OffsetsHandle):
                 "actreplay_ext.apply: this prompt's images are not those the result was learned on (the same "
                 "input_ids, other pixels); optimize on these inputs"
             )
+
+def _check_result_fits(result: ReplayResult, adapter) -> None:
+    """The offsets fit the model: its width, and a layer to add them at (a
+    result learned on another model fails here, not inside a forward)."""
+    n = adapter.num_layers
+    if not 0 <= result.inject_layer < n:
+        raise ValueError(f"actreplay_ext.apply: argument 'result' adds its offsets at layer inject_layer="
+                         f"{result.inject_layer}, but the model has {n} decoder layers (0 .. {n - 1}); it was "
+                         "learned on another model")
+    rows = result.deltas if isinstance(result.deltas, list) else [result.deltas]
+    widths = {int(d.shape[-1]) for d in rows if d.dim() == 2 and d.shape[0]}
+    if widths and widths != {adapter.hidden_size}:
+        raise ValueError(f"actreplay_ext.apply: argument 'result' holds offsets of hidden size "
+                         f"{', '.join(map(str, sorted(widths)))}, but the model's hidden size is "
+                         f"{adapter.hidden_size}; it was learned on another model")

@@ -1,5 +1,6 @@
 """Which adapter serves which model class: `register_adapter`, `get_adapter`,
-`supported_families`, and `check_pair` for a base/RLVR pair."""
+`supported_families`, and `check_pair` for a base/RLVR pair. A model inside a
+torch.compile or PEFT wrapper is served by its own family's adapter (wrappers.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Dict, List, Tuple, Type
 from torch import nn
 
 from .base import ModelAdapter
+from .wrappers import describe, unwrap
 
 __all__ = ["register_adapter", "get_adapter", "supported_families", "check_pair"]
 
@@ -25,14 +27,15 @@ def supported_families() -> List[str]:
 
 
 def get_adapter(model: nn.Module, argument: str = "model") -> ModelAdapter:
-    name = type(model).__name__
-    cls = _REGISTRY.get(name)
+    """The adapter of `model`, or of the model inside its torch.compile or PEFT wrappers."""
+    inner, _ = unwrap(model)
+    cls = _REGISTRY.get(type(inner).__name__)
     if cls is None:
         raise TypeError(
-            f"actreplay_ext: argument '{argument}' is a {name}, which is not a supported model family; "
+            f"actreplay_ext: argument '{argument}' is a {describe(model)}, which is not a supported model family; "
             f"supported: {', '.join(supported_families())} (see the README on adding an adapter)"
         )
-    return cls(model)
+    return cls(inner)
 
 
 def check_pair(rlvr: ModelAdapter, base: ModelAdapter) -> None:

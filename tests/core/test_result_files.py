@@ -198,6 +198,18 @@ def test_foreign_files_are_clear_errors(pair, tmp_path):
         ar.ReplayResult.load(str(junk))
 
 
+@pytest.mark.parametrize("kind", [ar.ReplayResult, ar.ReplayTargets])
+def test_a_directory_or_a_missing_file_is_named_as_such(kind, tmp_path):
+    """Not safetensors' "No such device" for a directory."""
+    with pytest.raises(IsADirectoryError, match=rf"^{kind.__name__}.load: argument 'path' is a directory .*"
+                                                rf"expected a file written by {kind.__name__}.save$"):
+        kind.load(str(tmp_path))
+    with pytest.raises(IsADirectoryError, match="argument 'path' is a directory"):
+        kind.load(tmp_path)  # a pathlib.Path alike
+    with pytest.raises(FileNotFoundError):
+        kind.load(str(tmp_path / "missing.safetensors"))
+
+
 def test_offsets_for_another_prompt_are_refused_by_apply(pair, learned):
     _, rlvr = pair
     path = learned[0]
