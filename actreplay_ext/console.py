@@ -1,5 +1,5 @@
 """What every command-line tool shares: the logging and verbosity options, the
-model-loading options with one set of defaults, atomic file writes, a
+model-loading options with one set of defaults, file writes (`core.files`), a
 generation progress bar, and `guarded`, which turns bad input into one line
 (exit 2) and Ctrl-C into "interrupted" (exit 130)."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 import traceback
 from typing import Callable
 
 import torch
+
+from .core import files
 
 __all__ = ["UsageError", "add_logging_options", "add_load_options", "setup_logging", "load_kwargs", "guarded",
            "write_text", "write_json", "generation_progress", "version_line", "layers_arg", "replay_config"]
@@ -184,17 +184,9 @@ def guarded(prog: str, command: Callable[[], int], verbose: bool = False) -> int
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file or nothing: into a temporary file beside it, then
-    renamed over it (an interrupt never leaves half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write a whole file or nothing, through `core.files` (atomic, symlinks
+    followed, FIFOs and devices written in place, the umask honoured)."""
+    files.write_text(path, text)
 
 
 def write_json(path: str, obj) -> None:
