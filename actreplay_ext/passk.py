@@ -51,6 +51,7 @@ from .console import UsageError
 log = logging.getLogger("actreplay_ext.passk")
 MODES = ("baseline", "replay")
 BOOTSTRAP = 2000  # resamples of the rows for the confidence intervals
+NAME_MAX = 255  # bytes in one file name, on the usual file systems
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=float, help="stop early once the gradient norm is at most TOL x the first one")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each row's seed derives from it and its id)")
     p.add_argument("--save-offsets", metavar="DIR",
-                   help="save each row's learned offsets to DIR/<row id>.safetensors (ReplayResult.save)")
+                   help="save each row's learned offsets to DIR/<row id>.safetensors (ReplayResult.save; characters "
+                        "of the id other than letters, digits, '_', '-' and '.' as %%XX)")
     console.add_load_options(p)
 
 
@@ -135,6 +137,12 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         checks.check_pair_configs(base_config, rlvr_config, cfg)
         models = {"base": checks.checkpoint_identity(args.base, base_config),
                   "rlvr": checks.checkpoint_identity(args.rlvr, rlvr_config)}
+    if args.save_offsets:
+        for row in rows:  # a name the file system refuses would end the run after hours of sampling
+            name = os.path.basename(offsets_file(args.save_offsets, row.id))
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise UsageError(f"--save-offsets: row {row.id!r} makes a file name of {len(os.fsencode(name))} bytes "
+                                 f"({name[:40]}...), over the {NAME_MAX} a file system takes; shorten its id")
     gpu = torch.cuda.is_available()
     settings = {
         "models": models,
@@ -145,6 +153,12 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         "load": {"dtype": args.dtype or ("bfloat16" if gpu else "float32"), "attn": args.attn},
     }
     return rows, cfg, settings
+
+
+def offsets_file(directory: str, row_id: str) -> str:
+    """Where --save-offsets keeps a row's offsets: one file per row id
+    (provenance.file_name is one to one: 'q/1' and 'q_1' get two files)."""
+    return os.path.join(directory, provenance.file_name(row_id) + ".safetensors")
 
 
 def fingerprint(settings: Dict) -> str:
@@ -376,7 +390,7 @@ def sample(models, row: data.Row, mode: str, args, cfg, seed: int, fp: str, rhas
         last = handle.last
         note = last.note if last is not None else ""
         if args.save_offsets and last is not None:
-            path = os.path.join(args.save_offsets, provenance.file_name(row.id) + ".safetensors")
+            path = offsets_file(args.save_offsets, row.id)
             with console.writing("--save-offsets", path):
                 last.save(path)
     answers = data.decode_new(processor, out, inputs["input_ids"].shape[1])
