@@ -12,8 +12,9 @@ prompts.jsonl: one JSON object per line with "question" and "image" (a path)
 or "images" (a list of paths) and/or "video" (see actreplay_ext.data).
 configs.json: a list of {"name": ..., "preset": optional, ...ReplayConfig
 fields}; {"name": "baseline", "baseline": true} generates without replay.
-Every configuration is checked (names unique, keys known, values valid, fits
-the model) before a model loads. Writes OUT/ablation.md (the table) and
+Every configuration is checked (names unique, keys known, values of the right
+JSON type: "baseline" is true or false, never the string "false"; values
+valid, fits the model) before a model loads. Writes OUT/ablation.md (the table) and
 OUT/ablation.json (the resolved configurations, models, versions, and every
 row with its full loss curve); without --out it only prints the table.
 """
@@ -31,7 +32,7 @@ from . import checks, console, data, provenance
 from .config import ReplayConfig
 from .console import UsageError
 
-__all__ = ["add_arguments", "ablate", "main", "demo_setup", "make_config", "load_configs"]
+__all__ = ["Ablation", "add_arguments", "ablate", "main", "demo_setup", "make_config", "parse_spec", "load_configs"]
 
 _SPEC_KEYS = {"name", "preset", "baseline"}
 _FIELDS = {f.name for f in dataclasses.fields(ReplayConfig)} - {"callback"}
@@ -44,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="JSONL", help='prompts: {"question", "image"|"images"|"video"} per line')
     p.add_argument("--configs", metavar="JSON", help='a list of {"name", "preset"?, ReplayConfig fields...}')
     p.add_argument("--out", metavar="DIR", help="where ablation.md and ablation.json go (default: print only)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 1024; demo 6)")
+    p.add_argument("--max-new-tokens", type=console.positive_int, default=None,
+                   help="answer length (default 1024; demo 6)")
     console.add_load_options(p)
 
 
@@ -70,16 +72,55 @@ def demo_setup():
     return base, rlvr, prompts, configs, None
 
 
+@dataclasses.dataclass
+class Ablation:
+    """One configuration of the grid, read once from its entry (`spec`, as written)."""
+
+    name: str
+    config: Optional[ReplayConfig]  # None: the baseline, generating without replay
+    spec: Dict
+
+
 def make_config(spec: Dict) -> ReplayConfig:
+    """The ReplayConfig of a replay entry: its preset (when it names one) with its fields on top."""
     fields = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
-    if spec.get("preset"):
-        return ReplayConfig.preset(spec["preset"], **fields)
+    preset = spec.get("preset")
+    if preset is not None:  # "" or 0 is a wrong preset, not "no preset"
+        if not isinstance(preset, str):
+            raise ValueError(f"'preset' must be a preset's name (a string), got {preset!r}")
+        return ReplayConfig.preset(preset, **fields)
     return ReplayConfig(**fields)
 
 
-def load_configs(path: str) -> List[Dict]:
-    """configs.json, every entry checked: a list of objects with a unique
-    'name', known keys and a valid configuration. Errors name `path[i]`."""
+def parse_spec(spec, where: str) -> Ablation:
+    """A configs.json entry, checked: a 'name' string, known keys, 'baseline' a
+    JSON boolean (the string "false" is truthy: it would run without replay), a
+    baseline without replay fields (they would be ignored), a valid config.
+    Errors name `where` and the entry."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise UsageError(f"{where}: each configuration is an object with a 'name' string")
+    where = f"{where} ({spec['name']})"
+    unknown = sorted(set(spec) - _SPEC_KEYS - _FIELDS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: name, "
+                         f"preset, baseline and the ReplayConfig fields {', '.join(sorted(_FIELDS))}")
+    baseline = spec.get("baseline", False)
+    if not isinstance(baseline, bool):
+        raise UsageError(f"{where}: 'baseline' must be true or false (a JSON boolean), got {baseline!r}")
+    if baseline:
+        ignored = sorted(set(spec) - {"name", "baseline"})
+        if ignored:
+            raise UsageError(f"{where}: 'baseline': true generates without replay, so {', '.join(map(repr, ignored))} "
+                             "would be ignored; drop them, or drop 'baseline' to replay")
+        return Ablation(spec["name"], None, spec)
+    try:
+        return Ablation(spec["name"], make_config(spec), spec)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def load_configs(path: str) -> List[Ablation]:
+    """configs.json, every entry checked (`parse_spec`) and names unique. Errors name `path[i]`."""
     checks.input_file(path, "--configs")
     try:
         with open(path) as f:
@@ -88,24 +129,16 @@ def load_configs(path: str) -> List[Dict]:
         raise UsageError(f"--configs {path}: not JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(specs, list) or not specs:
         raise UsageError(f"--configs {path}: must be a non-empty list of configurations")
+    return _unique([parse_spec(spec, f"--configs {path}[{i}]") for i, spec in enumerate(specs)], f"--configs {path}")
+
+
+def _unique(ablations: List[Ablation], where: str) -> List[Ablation]:
     names = set()
-    for i, spec in enumerate(specs):
-        where = f"--configs {path}[{i}]"
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise UsageError(f"{where}: each configuration is an object with a 'name' string")
-        if spec["name"] in names:
-            raise UsageError(f"{where}: duplicate name {spec['name']!r}")
-        names.add(spec["name"])
-        unknown = sorted(set(spec) - _SPEC_KEYS - _FIELDS)
-        if unknown:
-            raise UsageError(f"{where} ({spec['name']}): unknown key(s) {', '.join(map(repr, unknown))}; known: name, "
-                             f"preset, baseline and the ReplayConfig fields {', '.join(sorted(_FIELDS))}")
-        if not spec.get("baseline"):
-            try:
-                make_config(spec)
-            except (ValueError, TypeError) as e:
-                raise UsageError(f"{where} ({spec['name']}): {e}") from None
-    return specs
+    for i, a in enumerate(ablations):
+        if a.name in names:
+            raise UsageError(f"{where}[{i}]: duplicate name {a.name!r}")
+        names.add(a.name)
+    return ablations
 
 
 def _load_real(args):
@@ -117,12 +150,12 @@ def _load_real(args):
     configs = load_configs(args.configs)
     model_configs = [checks.checkpoint_config(args.base, "--base"), checks.checkpoint_config(args.rlvr, "--rlvr")]
     checks.check_pair_configs(*model_configs)
-    for spec in configs:
-        if not spec.get("baseline"):
+    for a in configs:
+        if a.config is not None:
             try:
-                checks.check_pair_configs(None, model_configs[1], make_config(spec))
+                checks.check_pair_configs(None, model_configs[1], a.config)
             except ValueError as e:
-                raise UsageError(f"--configs {args.configs} ({spec['name']}): {e}") from None
+                raise UsageError(f"--configs {args.configs} ({a.name}): {e}") from None
     processor = data.load_processor(args.rlvr)
     encoded = [data.encode(processor, row) for row in rows]  # the processor's errors before the weights load
     load = console.load_kwargs(args)
@@ -136,15 +169,16 @@ def _load_real(args):
     return base, rlvr, prompts, configs, processor, models
 
 
-def run(base, rlvr, prompts, configs, processor, max_new_tokens: int, quiet: bool = False) -> List[Dict]:
+def run(base, rlvr, prompts, configs: List[Ablation], processor, max_new_tokens: int,
+        quiet: bool = False) -> List[Dict]:
     from tqdm.auto import tqdm
 
     import actreplay_ext as ar
 
     rows = []
     bar = tqdm(total=len(configs) * len(prompts), desc="ablation", disable=quiet, leave=False)
-    for spec in configs:
-        cfg = None if spec.get("baseline") else make_config(spec)
+    for ablation in configs:
+        cfg = ablation.config
         for prompt in prompts:
             inputs = prompt["inputs"]
             t0 = time.perf_counter()
@@ -159,7 +193,7 @@ def run(base, rlvr, prompts, configs, processor, max_new_tokens: int, quiet: boo
             new = out[0, inputs["input_ids"].shape[1]:]
             answer = processor.decode(new, skip_special_tokens=True) if processor else " ".join(map(str, new.tolist()))
             rows.append({
-                "config": spec["name"], "prompt": prompt["id"], "seconds": seconds, "answer": answer,
+                "config": ablation.name, "prompt": prompt["id"], "seconds": seconds, "answer": answer,
                 "losses": list(last.losses) if last else [], "selected": list(last.selected) if last else [],
                 "note": last.note if last else "no replay",
             })
@@ -188,29 +222,31 @@ def table(rows: List[Dict]) -> str:
 def ablate(args) -> int:
     checks.output_dir(args.out, "--out")
     if args.demo:
-        base, rlvr, prompts, configs, processor = demo_setup()
+        base, rlvr, prompts, specs, processor = demo_setup()
+        configs = _unique([parse_spec(spec, f"demo[{i}]") for i, spec in enumerate(specs)], "demo")
         models = {"demo": "actreplay_ext.tiny qwen2_5_vl pair, noise 0.2, seed 0"}
-        max_new = args.max_new_tokens or 6
     else:
         base, rlvr, prompts, configs, processor, models = _load_real(args)
-        max_new = args.max_new_tokens or 1024
+    # `is None`, never `or`: 0 is refused by the option's type, not read as the default
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else 6 if args.demo else 1024
     rows = run(base, rlvr, prompts, configs, processor, max_new, args.quiet)
     md = table(rows)
     print(md)
     if args.out:
-        resolved = [{**spec, "resolved": None if spec.get("baseline") else provenance.config_dict(make_config(spec))}
-                    for spec in configs]
+        resolved = [{**a.spec, "resolved": None if a.config is None else provenance.config_dict(a.config)}
+                    for a in configs]
         report = {"configs": resolved, "models": models, "max_new_tokens": max_new, "versions": provenance.versions(),
                   "rows": rows}
-        console.write_text(os.path.join(args.out, "ablation.md"), md + "\n")
-        console.write_json(os.path.join(args.out, "ablation.json"), report)
+        with console.writing("--out", args.out):
+            console.write_text(os.path.join(args.out, "ablation.md"), md + "\n")
+            console.write_json(os.path.join(args.out, "ablation.json"), report)
         print(f"\nwrote {args.out}/ablation.md and ablation.json")
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The harness as a script (python/ablate.py runs this)."""
-    p = argparse.ArgumentParser(prog="actreplay ablate", description=__doc__, allow_abbrev=False,
+    p = console.CommandParser(prog="actreplay ablate", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     console.add_logging_options(p)
     add_arguments(p)

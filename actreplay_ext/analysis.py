@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .core import capture_prefill, lens_params, run_layers
+from .core import capture_prefill, files, lens_params, run_layers
 from .models import check_pair, get_adapter
 from .reference import lens_logits
 
@@ -168,7 +168,7 @@ class Analysis:
         names = {"base": self.base_name, "rlvr": self.rlvr_name}
         for name, rows in (("kl_by_entropy_decile.csv", self.deciles()), ("entropy_histogram.csv", self.histogram())):
             path = os.path.join(out_dir, name)
-            with open(path, "w", newline="") as f:
+            with files.open_output(path, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=[*names, *rows[0]])
                 w.writeheader()
                 w.writerows({**names, **r} for r in rows)
@@ -236,8 +236,11 @@ def _layer_ticks(ax, layers: Sequence[int]) -> None:
 
 
 def _save(plt, fig, path: str) -> str:
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # tight: a long title or the legend is never cut
-    plt.close(fig)
+    try:
+        with files.open_output(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")  # tight: a long title or the legend is never cut
+    finally:
+        plt.close(fig)
     return path
 
 

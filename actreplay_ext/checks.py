@@ -14,10 +14,10 @@ from typing import Dict, Optional
 
 import torch
 
-from .console import UsageError
+from .console import STDOUT, UsageError
 
 __all__ = ["is_local", "checkpoint_config", "checkpoint_identity", "check_pair_configs", "input_file", "output_file",
-           "output_dir", "media_files"]
+           "distinct_outputs", "output_dir", "media_files"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -97,11 +97,18 @@ def input_file(path: Optional[str], arg: str) -> None:
         raise UsageError(f"{arg}: {path!r} not found" if not os.path.exists(path) else f"{arg}: {path!r} is not a file")
 
 
-def output_file(path: Optional[str], arg: str) -> None:
-    """`path` can be written: its directory exists and is writable, and it is not a directory."""
+def output_file(path: Optional[str], arg: str, stdout: bool = False) -> None:
+    """`path` can be written: the directory of the file it names (symlinks
+    followed) exists and is writable, and it is not a directory. "-" is the
+    standard output where `stdout` allows it, else refused: never a file named "-"."""
     if path is None:
         return
-    directory = os.path.dirname(os.path.abspath(path))
+    if path == STDOUT:
+        if stdout:
+            return
+        raise UsageError(f"{arg}: '-' would be the standard output, which {arg} does not write to; give a file "
+                         "name (./- for a file named '-')")
+    directory = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         raise UsageError(f"{arg}: {path!r} is a directory; give a file name")
     if not os.path.isdir(directory):
@@ -110,10 +117,26 @@ def output_file(path: Optional[str], arg: str) -> None:
         raise UsageError(f"{arg}: the directory {directory!r} is not writable")
 
 
+def distinct_outputs(outputs: Dict[str, Optional[str]]) -> None:
+    """No two output options name one file (each would overwrite the other)."""
+    seen: Dict[str, str] = {}
+    for arg, path in outputs.items():
+        if path is None or path == STDOUT:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"{arg}: {path!r} is the file {seen[real]} writes too; give each output its own file")
+        seen[real] = arg
+
+
 def output_dir(path: Optional[str], arg: str) -> None:
-    """`path` is (or is made) a writable directory."""
+    """`path` is (or is made) a writable directory; "-" is refused (it cannot be
+    the standard output: several files go there)."""
     if path is None:
         return
+    if path == STDOUT:
+        raise UsageError(f"{arg}: '-' would be the standard output, but {arg} is a directory for several files; "
+                         "give a directory name (./- for one named '-')")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{arg}: {path!r} exists and is not a directory")
     try:

@@ -79,8 +79,13 @@ def _run_checks(args):
         raise UsageError("give --base (the base checkpoint) or --targets (targets saved before)")
     checks.media_files(args.image, args.video, "--image/--video")
     checks.input_file(args.targets, "--targets")
-    for name in ("save_targets", "json", "save_offsets"):
-        checks.output_file(getattr(args, name), "--" + name.replace("_", "-"))
+    outputs = {"--save-targets": args.save_targets, "--save-offsets": args.save_offsets, "--json": args.json}
+    for option, path in outputs.items():
+        checks.output_file(path, option, stdout=option == "--json")
+    checks.distinct_outputs(outputs)
+    if args.targets and args.save_targets:
+        raise UsageError(f"--save-targets: with --targets {args.targets} the base model does not run, so there are "
+                         "no new targets to save; drop one of the two")
     targets = None
     if args.targets:
         import actreplay_ext as ar
@@ -139,11 +144,13 @@ def run(args) -> int:
         answers, result = _run_tokens(args, rlvr, inputs, cfg, targets, load, timings)
     prompt_len = inputs["input_ids"].shape[1]
     texts = [data.decode_new(processor, a, prompt_len)[0] for a in answers]
-    print(f"without replay:\n{texts[0]}\n\nwith replay:\n{texts[1]}\n")
-    print(_summary(cfg, result, n_vis, texts))
+    human = sys.stderr if args.json == console.STDOUT else sys.stdout  # --json -: stdout holds the JSON alone
+    print(f"without replay:\n{texts[0]}\n\nwith replay:\n{texts[1]}\n", file=human)
+    print(_summary(cfg, result, n_vis, texts), file=human)
     if args.json:
-        console.write_json(args.json, _run_record(args, cfg, result, n_vis, texts, timings,
-                                                  {"base": base_config, "rlvr": rlvr_config}))
+        with console.writing("--json", args.json):
+            console.write_json(args.json, _run_record(args, cfg, result, n_vis, texts, timings,
+                                                      {"base": base_config, "rlvr": rlvr_config}))
         log.info("wrote %s", args.json)
     return 0
 
@@ -170,14 +177,16 @@ def _run_tokens(args, rlvr, inputs, cfg, targets, load, timings):
         targets = ar.compute_targets(base, inputs, cfg)
         del base  # its targets are all the loop needs
         if args.save_targets:
-            targets.save(args.save_targets)
+            with console.writing("--save-targets", args.save_targets):
+                targets.save(args.save_targets)
             log.info("saved the targets to %s", args.save_targets)
     bar = _progress_bar(cfg, args.quiet)
     result = ar.optimize(rlvr, inputs, targets, cfg)
     bar.close()
     timings.update({f"replay_{k}_s": v for k, v in result.timings.items()})
     if args.save_offsets:
-        result.save(args.save_offsets)
+        with console.writing("--save-offsets", args.save_offsets):
+            result.save(args.save_offsets)
         log.info("saved the offsets to %s", args.save_offsets)
     plain, timings["generate_without_s"] = _generate(rlvr, inputs, args, "without replay")
     with ar.apply(rlvr, result):
@@ -282,7 +291,7 @@ def analyze(args) -> int:
         load = console.load_kwargs(args)
         base, rlvr = data.load_model(args.base, **load), data.load_model(args.rlvr, **load)
         names, title = (_model_name(args.base), _model_name(args.rlvr)), ""
-    if args.limit:
+    if args.limit is not None:
         rows = rows[:args.limit]
     acc = analysis.Analysis(base_name=names[0], rlvr_name=names[1])
     skipped = 0
@@ -296,7 +305,8 @@ def analyze(args) -> int:
         raise UsageError("none of the prompts has visual tokens")
     if skipped:
         log.warning("%d prompt(s) without visual tokens were skipped", skipped)
-    paths = acc.write_csv(args.out) + analysis.plot(acc, args.out, title)
+    with console.writing("--out", args.out):
+        paths = acc.write_csv(args.out) + analysis.plot(acc, args.out, title)
     print("layer  decile  entropy range     tokens  mean KL")
     for r in acc.deciles():
         if r["bucket"] in (1, 5, 10):
@@ -324,11 +334,11 @@ def _add_demo(sub, common) -> None:
     p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_5_vl", help="the tiny pair's family")
     p.add_argument("--layers", type=console.layers_arg, default=3,
                    help="replay layers: a count N (0..N-1) or a list like 0,2 (default 3 of the tiny model's 4)")
-    p.add_argument("--steps", type=int, default=10, help="optimisation steps (default 10)")
+    p.add_argument("--steps", type=console.positive_int, default=10, help="optimisation steps (default 10)")
     p.add_argument("--lr", type=float, default=0.02,
                    help="step size (the published 10.0 is for real 7B models; random tiny ones need less)")
     p.add_argument("--seed", type=int, default=0, help="which built-in prompt")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8)")
+    p.add_argument("--max-new-tokens", type=console.positive_int, default=8, help="answer length (default 8)")
 
 
 def _add_run(sub, common) -> None:
@@ -348,19 +358,21 @@ def _add_run(sub, common) -> None:
                    help="override the preset's replay layers: a count N (0..N-1) or a list like 0,2,4 "
                         "(direct presets: those layers' thresholds)")
     p.add_argument("--lr", type=float, help="override the preset's step size")
-    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--steps", type=console.positive_int, help="override the preset's number of steps")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="the update rule: sgd (the published one, the presets') or lbfgs (opt-in, no per-model "
                         "step size; without --lr it takes its own default)")
     p.add_argument("--tol", type=float, help="stop early once the gradient norm is at most TOL x the first one")
-    p.add_argument("--save-targets", metavar="F", help="save the base model's targets (safetensors) for reuse")
+    p.add_argument("--save-targets", metavar="F", help="save the base model's targets (safetensors) for reuse "
+                                                        "(not with --targets)")
     p.add_argument("--targets", metavar="F",
                    help="use targets saved before instead of running the base model (their layers and selection "
                         "settings come with them)")
     p.add_argument("--save-offsets", metavar="F", help="save the learned offsets (safetensors, ReplayResult.save)")
     p.add_argument("--json", metavar="F",
-                   help="write the answers, losses, selected counts, timings and resolved config as JSON")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="answer length (default 1024)")
+                   help="write the answers, losses, selected counts, timings and resolved config as JSON "
+                        "(-: to the standard output, and the answers to the standard error)")
+    p.add_argument("--max-new-tokens", type=console.positive_int, default=1024, help="answer length (default 1024)")
     console.add_load_options(p)
 
 
@@ -374,8 +386,8 @@ def _add_analyze(sub, common) -> None:
     p.add_argument("--rlvr", help="RLVR checkpoint (its processor is used)")
     p.add_argument("--data", metavar="JSONL", help='prompts: {"question", "image"|"images"|"video"} per line')
     p.add_argument("--out", required=True, metavar="DIR", help="where the CSV and PNG files go")
-    p.add_argument("--layers", type=int, help="analyse layers 0..N-1 (default: all)")
-    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--layers", type=console.positive_int, help="analyse layers 0..N-1 (default: all)")
+    p.add_argument("--limit", type=console.positive_int, help="only the first N prompts (N >= 1)")
     p.add_argument("--demo", action="store_true", help="the embedded tiny pair and 6 synthetic prompts (no download)")
     console.add_load_options(p)
 
@@ -383,7 +395,7 @@ def _add_analyze(sub, common) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import ablate, passk
 
-    parser = argparse.ArgumentParser(prog="actreplay", description=DESCRIPTION, allow_abbrev=False,
+    parser = console.CommandParser(prog="actreplay", description=DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=console.version_line(),
                         help="the package, torch and transformers versions, and whether the CUDA kernels are built")

@@ -1,24 +1,31 @@
-"""What every command-line tool shares: the logging and verbosity options, the
-model-loading options with one set of defaults, atomic file writes, a
-generation progress bar, and `guarded`, which turns bad input into one line
-(exit 2) and Ctrl-C into "interrupted" (exit 130)."""
+"""What every command-line tool shares: the parser (errors on one line) and
+the types of its options, the logging and verbosity options, the
+model-loading options with one set of defaults, file writes ("-" the standard
+output; everything else through `core.files`), a generation progress bar, and
+`guarded`, which turns bad input into one line (exit 2) and Ctrl-C into
+"interrupted" (exit 130)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import os
 import sys
-import tempfile
 import traceback
 from typing import Callable
 
 import torch
 
-__all__ = ["UsageError", "add_logging_options", "add_load_options", "setup_logging", "load_kwargs", "guarded",
-           "write_text", "write_json", "generation_progress", "version_line", "layers_arg", "replay_config"]
+from .core import files
+
+__all__ = ["UsageError", "CommandParser", "STDOUT", "add_logging_options", "add_load_options", "setup_logging",
+           "load_kwargs", "guarded", "write_text", "write_json", "writing", "generation_progress", "version_line",
+           "layers_arg", "positive_int", "replay_config"]
 
 log = logging.getLogger("actreplay_ext")
+
+#: What an output option takes to mean the standard output, as Unix tools do.
+STDOUT = "-"
 
 
 class UsageError(ValueError):
@@ -64,14 +71,39 @@ def load_kwargs(args, device=None) -> dict:
     return dict(dtype=args.dtype or ("bfloat16" if gpu else "float32"), device_map=device_map, attn=args.attn)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error of the
+    tools (`actreplay run: error: argument --steps: expected an int >= 1, got
+    '0'`), exit status 2; --help shows the usage. Subcommands inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """The type of every count option (--max-new-tokens, --steps, --samples,
+    --k, --limit, ...): an int >= 1. Zero or a negative count is refused here,
+    so that no command can read it as "the default" or "all but N"."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def layers_arg(text: str):
-    """--layers: a count N (layers 0..N-1) or a comma-separated list of layer indices."""
+    """--layers: a count N >= 1 (layers 0..N-1) or a comma-separated list of layer indices."""
     try:
         if "," in text:
             return [int(x) for x in text.split(",") if x.strip()]
-        return int(text)
+        count = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count like 16 or a list like 0,2,4, got {text!r}") from None
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a count like 16 or a list like 0,2,4, got {text!r}")
+    return count
 
 
 REPLAY_OPTIONS = ("layers", "lr", "steps", "optimizer", "tol")
@@ -184,23 +216,30 @@ def guarded(prog: str, command: Callable[[], int], verbose: bool = False) -> int
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file or nothing: into a temporary file beside it, then
-    renamed over it (an interrupt never leaves half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write a whole file or nothing (`core.files.open_output`: atomic, symlinks
+    followed, FIFOs and devices written in place, the umask honoured); "-" is
+    the standard output."""
+    if path == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    files.write_text(path, text)
 
 
 def write_json(path: str, obj) -> None:
     import json
 
     write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def writing(option: str, path: str):
+    """A failure to write `path` (a full disk, a directory gone, no permission)
+    as one line naming `option`, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"{option}: cannot write {path!r} ({e.strerror or e})") from None
 
 
 def generation_progress(max_new_tokens: int, desc: str, quiet: bool):

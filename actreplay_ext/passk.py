@@ -51,6 +51,7 @@ from .console import UsageError
 log = logging.getLogger("actreplay_ext.passk")
 MODES = ("baseline", "replay")
 BOOTSTRAP = 2000  # resamples of the rows for the confidence intervals
+NAME_MAX = 255  # bytes in one file name, on the usual file systems
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,27 +63,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="JSONL", help='rows: {"question", "answer", "image"|"images"|"video", ...}')
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where run.json, the records and results.json/.md go (a rerun resumes there)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--samples", type=console.positive_int, default=None,
                    help="answers sampled per row and mode: the n of Pass@k (default 8; demo 4)")
-    p.add_argument("--n", type=int, dest="samples", help=argparse.SUPPRESS)  # the old name
-    p.add_argument("--k", type=int, nargs="+", default=None, help="the k of Pass@k (default: 1 and --samples)")
+    p.add_argument("--n", type=console.positive_int, dest="samples", help=argparse.SUPPRESS)  # the old name
+    p.add_argument("--k", type=console.positive_int, nargs="+", default=None,
+                   help="the k of Pass@k (default: 1 and --samples)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="per answer (default 1024; demo 6)")
+    p.add_argument("--max-new-tokens", type=console.positive_int, default=None,
+                   help="per answer (default 1024; demo 6)")
     p.add_argument("--verifier", choices=verify.VERIFIERS, default="auto", help="how answers are checked")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="replay configuration (default mm-eureka-7b; --demo has its own)")
     p.add_argument("--layers", type=console.layers_arg,
                    help="override the preset's replay layers: a count N (0..N-1) or a list like 0,2,4")
     p.add_argument("--lr", type=float, help="override the preset's step size")
-    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--steps", type=console.positive_int, help="override the preset's number of steps")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="the update rule: sgd (the published one, the presets') or lbfgs (opt-in, no per-model "
                         "step size; without --lr it takes its own default)")
     p.add_argument("--tol", type=float, help="stop early once the gradient norm is at most TOL x the first one")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each row's seed derives from it and its id)")
     p.add_argument("--save-offsets", metavar="DIR",
-                   help="save each row's learned offsets to DIR/<row id>.safetensors (ReplayResult.save)")
+                   help="save each row's learned offsets to DIR/<row id>.safetensors (ReplayResult.save; characters "
+                        "of the id other than letters, digits, '_', '-' and '.' as %%XX)")
     console.add_load_options(p)
 
 
@@ -91,16 +95,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def validate(args) -> Tuple[List[data.Row], object, Dict]:
     """Everything checked before a model loads: (rows, replay config, settings)."""
+    # `is None`, never `or`: the counts' type (console.positive_int) has refused 0 already
     if args.samples is None:
         args.samples = 4 if args.demo else 8
-    args.k = sorted(set(args.k or [1, args.samples]))
-    args.max_new_tokens = args.max_new_tokens or (6 if args.demo else 1024)
-    if args.samples < 1:
-        raise UsageError(f"--samples must be >= 1, got {args.samples}")
+    args.k = sorted(set(args.k if args.k is not None else [1, args.samples]))
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 6 if args.demo else 1024
     if any(not 1 <= k <= args.samples for k in args.k):
         raise UsageError(f"every --k must be in 1..--samples ({args.samples}), got {args.k}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0 (Pass@k samples), got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -135,6 +137,12 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         checks.check_pair_configs(base_config, rlvr_config, cfg)
         models = {"base": checks.checkpoint_identity(args.base, base_config),
                   "rlvr": checks.checkpoint_identity(args.rlvr, rlvr_config)}
+    if args.save_offsets:
+        for row in rows:  # a name the file system refuses would end the run after hours of sampling
+            name = os.path.basename(offsets_file(args.save_offsets, row.id))
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise UsageError(f"--save-offsets: row {row.id!r} makes a file name of {len(os.fsencode(name))} bytes "
+                                 f"({name[:40]}...), over the {NAME_MAX} a file system takes; shorten its id")
     gpu = torch.cuda.is_available()
     settings = {
         "models": models,
@@ -145,6 +153,12 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         "load": {"dtype": args.dtype or ("bfloat16" if gpu else "float32"), "attn": args.attn},
     }
     return rows, cfg, settings
+
+
+def offsets_file(directory: str, row_id: str) -> str:
+    """Where --save-offsets keeps a row's offsets: one file per row id
+    (provenance.file_name is one to one: 'q/1' and 'q_1' get two files)."""
+    return os.path.join(directory, provenance.file_name(row_id) + ".safetensors")
 
 
 def fingerprint(settings: Dict) -> str:
@@ -376,7 +390,9 @@ def sample(models, row: data.Row, mode: str, args, cfg, seed: int, fp: str, rhas
         last = handle.last
         note = last.note if last is not None else ""
         if args.save_offsets and last is not None:
-            last.save(os.path.join(args.save_offsets, provenance.file_name(row.id) + ".safetensors"))
+            path = offsets_file(args.save_offsets, row.id)
+            with console.writing("--save-offsets", path):
+                last.save(path)
     answers = data.decode_new(processor, out, inputs["input_ids"].shape[1])
     correct = [verify.verify(a, row.answer, row.choices, args.verifier) for a in answers]
     return {"run": fp, "id": row.id, "row_hash": rhash, "mode": mode, "correct": correct, "answers": answers,
@@ -391,7 +407,8 @@ def evaluate(args) -> int:
     done = {(r["id"], r["mode"]) for r in resumed}
     rank, world, device = init_distributed()
     if rank == 0 and not os.path.exists(os.path.join(args.out, "run.json")):
-        console.write_json(os.path.join(args.out, "run.json"), {"fingerprint": fp, "settings": settings})
+        with console.writing("--out", args.out):
+            console.write_json(os.path.join(args.out, "run.json"), {"fingerprint": fp, "settings": settings})
     _barrier(world)
     todo = [(row, m) for i, row in enumerate(rows) if i % world == rank for m in MODES if (row.id, m) not in done]
     if rank == 0:
@@ -427,15 +444,16 @@ def _write_results(args, rows, settings, fp, gathered, world, timings) -> None:
     sampled = {m: round(sum(r.get("seconds", 0.0) for r in merged.values() if r["mode"] == m), 3) for m in MODES}
     result.update(fingerprint=fp, settings=settings, versions=provenance.versions(), world_size=world,
                   timings={**timings, "sampling_s": sampled})
-    console.write_json(os.path.join(args.out, "results.json"), result)
     md = markdown(result, settings)
-    console.write_text(os.path.join(args.out, "results.md"), md + "\n")
+    with console.writing("--out", args.out):
+        console.write_json(os.path.join(args.out, "results.json"), result)
+        console.write_text(os.path.join(args.out, "results.md"), md + "\n")
     print(md)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The harness as a script (python/eval_passk.py runs this)."""
-    p = argparse.ArgumentParser(prog="actreplay passk", description=__doc__, allow_abbrev=False,
+    p = console.CommandParser(prog="actreplay passk", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     console.add_logging_options(p)
     add_arguments(p)

@@ -1,7 +1,7 @@
 """How a result was made, for the files the tools write: the resolved replay
 configuration as plain JSON, the versions of everything that computes it
 (and the git revision of the source when it is a checkout), and file names
-made safe from dataset ids."""
+made from dataset ids, one name per id."""
 
 from __future__ import annotations
 
@@ -47,7 +47,20 @@ def versions() -> Dict:
             else None}
 
 
+_KEPT = re.compile(r"[\w.-]")  # letters and digits of any script, '_', '.', '-'
+
+
 def file_name(row_id: str) -> str:
-    """A dataset id as a file name: path separators and other odd characters become '_'."""
-    safe = re.sub(r"[^\w.-]", "_", str(row_id)).lstrip(".")
-    return safe or "_"
+    """A dataset id as a file name, one to one, so two ids never share a file:
+    letters, digits, '_', '-' and '.' stay, every other character ('/', '%'
+    itself, spaces) becomes %XX of its UTF-8 bytes as in a URL, and so does a
+    leading '.' (no hidden names, no '..'): 'q/1' -> 'q%2F1', 'q_1' -> 'q_1'.
+    The empty id is '%', which no other id gives."""
+    text = str(row_id)
+    if not text:
+        return "%"
+    out = []
+    for i, ch in enumerate(text):
+        keep = _KEPT.fullmatch(ch) and not (i == 0 and ch == ".")
+        out.append(ch if keep else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+    return "".join(out)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import tiny
+from actreplay_ext import console, tiny
 
 
 def add_image(prompt, answer_ids, grid, seed):
@@ -40,8 +40,8 @@ def model_inputs(prompt):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--turns", type=int, default=3)
+    p = console.CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--turns", type=console.positive_int, default=3, help="conversation turns (default 3)")
     p.add_argument("--direct", action="store_true", help="direct substitution instead of learned offsets")
     args = p.parse_args(argv)
     base, rlvr = tiny.make_pair("qwen2_5_vl", noise=0.2)

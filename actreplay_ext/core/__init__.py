@@ -1,6 +1,7 @@
 """The replay engine, one idea per module:
 
 - results.py     ReplayTargets, ReplayResult and their files
+- files.py       writing any output file without damaging what is there (`open_output`)
 - validation.py  config-for-model and targets-for-prompt checks
 - reentry.py     the guard that keeps patch() hooks out of the library's own forwards
 - layers.py      THE decoder-layer runner (`run_layers`) and what layers take (`LayerInputs`)

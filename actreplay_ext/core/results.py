@@ -12,6 +12,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import files
+
 __all__ = ["ReplayTargets", "ReplayResult"]
 
 
@@ -52,8 +54,9 @@ class ReplayTargets:
         )
 
     def save(self, path: str) -> None:
-        """Write to a safetensors file (no pickles)."""
-        from safetensors.torch import save_file
+        """Write to a safetensors file (no pickles), through `files.open_output`
+        (atomic; symlinks followed; a FIFO written in place; the umask honoured)."""
+        from safetensors.torch import save
 
         tensors = {"input_ids": self.input_ids.cpu().contiguous(), "entropy": self.entropy.cpu().contiguous()}
         for l in range(self.layers):
@@ -65,7 +68,9 @@ class ReplayTargets:
         meta = {"format": "actreplay_ext.ReplayTargets/1", "n_visual": json.dumps(self.n_visual),
                 "config": json.dumps(self.config), "layers": str(self.layers),
                 "row_map": json.dumps(self.row_map), "model": json.dumps(self.model)}
-        save_file(tensors, path, metadata=meta)
+        # serialised here and written by files.write_bytes: safetensors' own save_file renames
+        # over whatever `path` is (a symlink, a FIFO, a device node) and creates it mode 0600
+        files.write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "ReplayTargets":
@@ -207,8 +212,9 @@ class ReplayResult:
         to a safetensors file (no pickles); `ReplayResult.load` reads it back
         and `actreplay_ext.apply` adds the offsets again. Every result saves and
         loads, also those without offsets (a direct substitution, a forward
-        patch() did not replay), as a record; apply() refuses those."""
-        from safetensors.torch import save_file
+        patch() did not replay), as a record; apply() refuses those. Written
+        through `files.open_output`, as ReplayTargets.save."""
+        from safetensors.torch import save
 
         rows = self.deltas if isinstance(self.deltas, list) else None
         # clone each row: identical prompts share one offsets tensor, and
@@ -224,7 +230,7 @@ class ReplayResult:
                 "n_visual": json.dumps(list(self.n_visual)), "timings": json.dumps(self.timings),
                 "note": self.note, "optimized_rows": str(self.optimized_rows),
                 "inject_layer": str(self.inject_layer), "config": json.dumps(self.config)}
-        save_file(tensors, path, metadata=meta)
+        files.write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "ReplayResult":

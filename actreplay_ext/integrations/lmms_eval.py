@@ -15,7 +15,9 @@ installed. ``--model_args`` takes:
   same code; a task may override it per request with the generation kwarg
   ``replay`` (so one run can score both; the base loads only with replay=true);
 * ``save_offsets``: a directory for each generate call's ReplayResult
-  (safetensors) and ``replay.rank<R>.jsonl``, one line per request.
+  (safetensors, one file per call, also when a task's ``repeats`` asks for a
+  document again: `lmms_files`) and ``replay.rank<R>.jsonl``, one line per
+  request, naming its file.
 
 Every argument is checked, and the pair's configs against the replay
 configuration, before any weight loads. Note that lmms-eval 0.7 reports a
@@ -53,9 +55,10 @@ except ImportError:  # pragma: no cover - the message is the point
     raise ImportError("actreplay_ext.integrations.lmms_eval needs lmms-eval: pip install 'actreplay_ext[lmms]'") \
         from None
 
-from .. import checks, data
+from .. import checks, console, data
 from ..config import PRESETS, ReplayConfig
 from ..console import UsageError, loss_change, preset_with
+from . import lmms_files
 
 __all__ = ["ActReplay", "parse_model_args"]
 
@@ -169,6 +172,7 @@ class ActReplay(lmms):
             checks.check_pair_configs(configs["base"], configs["rlvr"], self.config)  # before any weight loads
         self._device, device_map = self._placement(device, load["device_map"])
         self.save_offsets = load["save_offsets"]
+        self._saved_calls = 0  # generate calls whose offsets were saved: the number in their file's name
         if self.save_offsets:
             self._claim_save_offsets()
         dtype = load["dtype"] or ("bfloat16" if self._device.type == "cuda" else "float32")
@@ -183,7 +187,7 @@ class ActReplay(lmms):
         """save_offsets is this run's: a rank's log from an earlier run there would
         sit beside files this run overwrites (each rank checks its own)."""
         checks.output_dir(self.save_offsets, "save_offsets")
-        mine = os.path.join(self.save_offsets, f"replay.rank{self.rank}.jsonl")
+        mine = lmms_files.log_file(self.save_offsets, self.rank)
         if os.path.exists(mine):
             raise _bad("save_offsets", f"{self.save_offsets!r} holds {os.path.basename(mine)} of an earlier run; "
                                        "give another directory (or empty it)")
@@ -291,10 +295,11 @@ class ActReplay(lmms):
         path = None
         task, split = requests[0].args[4], requests[0].args[5]
         if last is not None and self.save_offsets:
-            ids = [str(r.args[3]) for r in requests]
-            name = f"{task}-{split}-{ids[0]}" + (f"-{ids[-1]}" if len(ids) > 1 else "") + f".rank{self.rank}"
-            path = os.path.join(self.save_offsets, name.replace("/", "_") + ".safetensors")
-            last.save(path)
+            path = lmms_files.offsets_file(self.save_offsets, task, split, [r.args[3] for r in requests], self.rank,
+                                           self._saved_calls)
+            with console.writing("save_offsets", path):
+                last.save(path)
+            self._saved_calls += 1
         for row, request in enumerate(requests):
             if (request.metadata or {}).get("__padding_only__"):
                 continue
@@ -307,7 +312,7 @@ class ActReplay(lmms):
                 log.info("actreplay: %s doc %s: %s", task, entry["doc_id"], _describe(last, self.config))
             self.results.append(entry)
             if self.save_offsets:
-                with open(os.path.join(self.save_offsets, f"replay.rank{self.rank}.jsonl"), "a") as f:
+                with open(lmms_files.log_file(self.save_offsets, self.rank), "a") as f:
                     f.write(json.dumps(entry) + "\n")
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:

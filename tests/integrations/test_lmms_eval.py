@@ -279,6 +279,23 @@ def test_padding_copies_are_not_recorded_and_save_offsets_is_not_reused(pair, tm
         plugin.ActReplay(base=base, rlvr=rlvr, **REPLAY, device="cpu", save_offsets=str(tmp_path / "o"))
 
 
+def test_a_repeated_document_keeps_every_calls_offsets(pair, task_dir, tmp_path):
+    """A task's `repeats` sends one document again: each generate call's offsets
+    get their own file (one file per document kept only the last), and each
+    log line names its call's file."""
+    from PIL import Image
+
+    base, rlvr = pair
+    model = plugin.ActReplay(base=base, rlvr=rlvr, **REPLAY, device="cpu", save_offsets=str(tmp_path / "o"))
+    model.task_dict = {"t": {"test": [{"visuals": [Image.open(task_dir[0] / "doc1_0.png")]}]}}
+    again = [request(0, "q", {"max_new_tokens": 2}, task="t") for _ in range(3)]
+    assert len(model.generate_until(again)) == 3  # batch_size 1: three calls
+    log = [json.loads(line) for line in (tmp_path / "o" / "replay.rank0.jsonl").read_text().splitlines()]
+    paths = [e["offsets"] for e in log]
+    assert len(log) == 3 and len(set(paths)) == 3 and all(os.path.isfile(p) for p in paths)
+    assert sorted(os.listdir(tmp_path / "o")) == sorted(["replay.rank0.jsonl", *map(os.path.basename, paths)])
+
+
 def test_the_baseline_needs_neither_a_base_nor_a_fitting_replay_config(pair, tmp_path, monkeypatch):
     """replay=false with the default preset (16 layers) on the 4-layer model, and
     'None' (as lmms-eval passes it) meaning no value, not a directory named None."""

@@ -222,7 +222,7 @@ def test_checkpoints_and_a_jsonl_saving_each_rows_offsets(checkpoint_rows, tmp_p
     assert "| mode | Pass@1 | Pass@2 |" in proc.stdout
     models = result["settings"]["models"]
     assert models["base"]["path"] == base and len(models["rlvr"]["config_sha256"]) == 64
-    assert sorted(os.listdir(offsets)) == ["a_1.safetensors", "b.safetensors"]
+    assert sorted(os.listdir(offsets)) == ["a%2F1.safetensors", "b.safetensors"]
     saved = ar.ReplayResult.load(str(offsets / "b.safetensors"))
     assert len(saved.losses) == 3 and saved.config["layers"] == 3
 
@@ -250,7 +250,7 @@ def test_the_demo_takes_the_replay_options_instead_of_ignoring_them(tmp_path):
     cfg = cfg_of("--lr", "0.01", "--steps", "2", "--layers", "0,2", "--tol", "0.5")
     assert (cfg.lr, cfg.steps, cfg.layers, cfg.tol) == (0.01, 2, (0, 2), 0.5)
     assert cfg_of("--optimizer", "lbfgs").step_size == 0.05  # the default's lr is sgd's
-    with pytest.raises(passk.UsageError, match="'steps' must be an int >= 1"):
+    with pytest.raises(SystemExit):  # a count's type refuses it (tests/tools/test_options.py)
         cfg_of("--steps", "0")
     with pytest.raises(passk.UsageError, match="--preset deepeyes-7b: --demo replays its tiny pair with its own"):
         cfg_of("--preset", "deepeyes-7b")  # once ignored silently
@@ -258,3 +258,49 @@ def test_the_demo_takes_the_replay_options_instead_of_ignoring_them(tmp_path):
         cfg_of("--tol", "-1")  # the option as given, not a dict
     with pytest.raises(ValueError, match=r"config.layers = 9 exceeds the 4 decoder layers"):
         cfg_of("--layers", "9")  # before the tiny pair is built, not after the run starts
+
+
+def test_ids_that_once_shared_a_file_name_get_their_own_offsets_files(checkpoint_rows, tmp_path):
+    """'q/1' and 'q_1' were both saved as q_1.safetensors, the second over the
+    first; every id now has its own file, holding its own row's offsets."""
+    import actreplay_ext as ar
+    from actreplay_ext import cli, provenance
+
+    base, rlvr, rows = checkpoint_rows
+    image = str(rows.parent / "noise.png")
+    mine = tmp_path / "rows.jsonl"
+    questions = {"q/1": "what is 2 + 2 ?", "q_1": "what is 3 + 3 ?"}
+    mine.write_text("".join(json.dumps({"id": i, "question": q, "image": image, "answer": "4"}) + "\n"
+                            for i, q in questions.items()))
+    offsets = tmp_path / "offsets"
+    assert cli.main(["--quiet", "passk", "--base", base, "--rlvr", rlvr, "--data", str(mine), "--out",
+                     str(tmp_path / "out"), "--samples", "1", "--max-new-tokens", "2", "--layers", "3", "--steps", "1",
+                     "--dtype", "float32", "--save-offsets", str(offsets)]) == 0
+    assert sorted(os.listdir(offsets)) == ["q%2F1.safetensors", "q_1.safetensors"]
+    processor = data.load_processor(rlvr)
+    for row in data.read_jsonl(str(mine)):
+        saved = ar.ReplayResult.load(str(offsets / (provenance.file_name(row.id) + ".safetensors")))
+        assert torch.equal(saved.input_ids, data.encode(processor, row)["input_ids"]), row.id
+
+
+def test_file_names_of_ids_are_one_to_one():
+    from actreplay_ext.provenance import file_name
+
+    ids = ["q/1", "q_1", "q%2F1", "q 1", "q:1", ".q", "%2Eq", "q", "..", "", "%", "题目/1", "题目_1", "a\\b"]
+    names = [file_name(i) for i in ids]
+    assert len(set(names)) == len(ids), dict(zip(ids, names))
+    assert all(n and "/" not in n and not n.startswith(".") for n in names)
+    assert file_name("q_1") == "q_1" and file_name("题目_1") == "题目_1"  # a name that was safe stays as it was
+
+
+def test_an_offsets_file_name_too_long_for_the_file_system_is_refused_before_sampling(checkpoint_rows, tmp_path):
+    base, rlvr, rows = checkpoint_rows
+    mine = tmp_path / "rows.jsonl"
+    mine.write_text(json.dumps({"id": "/" * 100, "question": "q", "image": str(rows.parent / "noise.png"),
+                                "answer": "1"}) + "\n")
+    p = argparse.ArgumentParser()
+    passk.add_arguments(p)
+    args = p.parse_args(["--base", base, "--rlvr", rlvr, "--data", str(mine), "--out", str(tmp_path / "o"),
+                         "--layers", "3", "--save-offsets", str(tmp_path / "s")])
+    with pytest.raises(passk.UsageError, match=r"--save-offsets: row '/{100}' makes a file name of 312 bytes"):
+        passk.validate(args)

@@ -69,7 +69,6 @@ def run_args(ckpt, *extra):
     (["--image", "missing.png"], "--image/--video: image 'missing.png' not found"),
     (["--video", "clip.mp4"], "--image/--video: video 'clip.mp4' not found"),
     (["--lr", "-1"], "'lr' must be >= 0"),
-    (["--steps", "0"], "'steps' must be an int >= 1"),
     (["--layers", "9"], "config.layers = 9 exceeds the 4 decoder layers of the RLVR model"),
     (["--layers", "1,4"], "config.layers = (1, 4) exceeds the 4 decoder layers of the RLVR model"),
     (["--layers", "3,1"], "'layers' must be a count >= 1 or a non-empty list of layer indices >= 0 in ascending"),
