@@ -97,17 +97,24 @@ def hooks_of(model: torch.nn.Module) -> int:
 
 
 class FirstLayer0Input:
-    """The input of decoder layer 0 at its first call (the prefill the model is
-    given; registered before patch(), it sees the input without the offsets).
-    Use as a context manager."""
+    """The input of decoder layer 0 at the model's own first call (the prefill
+    the model is given; registered before patch(), it sees the input without the
+    offsets). The library's passes call the layer too, running the user's hooks
+    as the model's forward does; with `internal=True` the first of those is
+    recorded instead (for a base model, which only the library runs: its base
+    pass's input, the distinct rows up to the last visual token). Use as a
+    context manager."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, internal: bool = False):
         self.hidden = None
+        self.internal = internal
         layer0 = actreplay_ext.get_adapter(model).decoder_layers()[0]
         self._hook = layer0.register_forward_pre_hook(self._grab, with_kwargs=True)
 
     def _grab(self, mod, args, kwargs):
-        if self.hidden is None:
+        from actreplay_ext.core import in_internal_forward
+
+        if self.hidden is None and in_internal_forward() == self.internal:
             self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().clone()
 
     def __enter__(self):
@@ -116,6 +123,19 @@ class FirstLayer0Input:
     def __exit__(self, *exc):
         self._hook.remove()
         return False
+
+
+def base_saw(seen_base: FirstLayer0Input, seen_rlvr: FirstLayer0Input) -> bool:
+    """The base pass's layer-0 input is the RLVR prefill's distinct rows up to its
+    last visual token (the two models share vision tower and embeddings)."""
+    base, rlvr = seen_base.hidden, seen_rlvr.hidden
+    if base is None or rlvr is None or base.shape[1] > rlvr.shape[1]:
+        return False
+    rows = []
+    for row in rlvr[:, :base.shape[1]]:
+        if not any(torch.equal(row, r) for r in rows):
+            rows.append(row)
+    return len(rows) == base.shape[0] and all(torch.equal(a, b) for a, b in zip(rows, base))
 
 
 def repeat_rows(inputs, k: int):

@@ -12,7 +12,7 @@ from helpers import LayerBatchSizes, replay
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from actreplay_ext.core import LayerInputs, capture_prefill, run_layers
+from actreplay_ext.core import LayerInputs, capture_prefill, in_internal_forward, run_layers
 from actreplay_ext.models.gemma3 import LayerTypeKwargs
 
 transformers = pytest.importorskip("transformers")
@@ -124,9 +124,9 @@ def test_pass_at_k_with_two_images(pair):
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=5, alignment="matched")  # the loop runs layer 0 at least
     seen = []
     layer0 = rlvr.model.language_model.layers[0]  # registered before patch(): sees the input without offsets
-    hook = layer0.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(args[0] if args else
-                                                                                   kwargs["hidden_states"]),
-                                            with_kwargs=True)
+    # the model's own calls (the library's passes call the layer too, in_internal_forward)
+    hook = layer0.register_forward_pre_hook(lambda mod, args, kwargs: None if in_internal_forward() else seen.append(
+        args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
     try:
         torch.manual_seed(0)
         with ar.patch(rlvr, base=base, config=cfg) as handle, \

@@ -10,7 +10,7 @@ from helpers import greedy_scores
 
 import actreplay_ext as ar
 from actreplay_ext import reference, tiny
-from actreplay_ext.core import capture_prefill
+from actreplay_ext.core import capture_prefill, in_internal_forward
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,10 +32,11 @@ def make_inputs(**kw):
 
 def prefill_inputs(model, rows):
     """Records the layer-0 input of each prefill (registered before patch(), so
-    it sees the input before the offsets are added)."""
+    it sees the input before the offsets are added); the library's own passes, which
+    call the layer too, are not the model's prefills."""
     def grab(mod, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        if h.shape[1] > 1:
+        if h.shape[1] > 1 and not in_internal_forward():
             rows.append(h.detach().clone())
     return model.model.text_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
 

@@ -6,7 +6,7 @@ videos, Pass@K), on 4.57.x and 5.x."""
 
 import pytest
 import torch
-from helpers import FirstLayer0Input, assert_matches_published, replay_and_published
+from helpers import FirstLayer0Input, assert_matches_published, base_saw, replay_and_published
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
@@ -66,14 +66,14 @@ def test_patch_with_num_return_sequences_two_images(pair):
     inputs = make_inputs(sizes=sizes)
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=5)
     torch.manual_seed(0)
-    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
+    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base, internal=True) as seen_base, \
             ar.patch(rlvr, base=base, config=cfg) as handle:
         out = rlvr.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2)
         last = handle.last
     assert out.shape[0] == 2 and last is not None and last.replayed
     assert list(last.n_visual) == [n_visual(inputs)] * 2
-    assert seen_base.hidden.shape == seen_rlvr.hidden.shape and seen_rlvr.hidden.shape[0] == 2
-    assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+    assert seen_rlvr.hidden.shape[0] == 2
+    assert base_saw(seen_base, seen_rlvr)
 
 
 def test_two_images_rebuilt_for_the_base(pair):
@@ -83,10 +83,10 @@ def test_two_images_rebuilt_for_the_base(pair):
     base, rlvr = pair
     inputs = make_inputs()
     cfg = ar.ReplayConfig(layers=2, lr=LR, steps=2)
-    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
+    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base, internal=True) as seen_base, \
             ar.patch(rlvr, base=base, config=cfg):
         rlvr.generate(**inputs, max_new_tokens=1, do_sample=False)
-    assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+    assert base_saw(seen_base, seen_rlvr)
 
 
 def test_video_prompt(pair):
@@ -97,11 +97,11 @@ def test_video_prompt(pair):
     cfg = ar.ReplayConfig(layers=3, lr=LR, steps=8)
     result, pub = replay_and_published(base, rlvr, inputs, cfg)
     assert_matches_published(result, pub, n_visual=n_visual(inputs), hidden=64, steps=8)
-    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
+    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base, internal=True) as seen_base, \
             ar.patch(rlvr, base=base, config=cfg) as handle:
         rlvr.generate(**inputs, max_new_tokens=2, do_sample=False)
         last = handle.last
-    assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+    assert base_saw(seen_base, seen_rlvr)
     assert torch.allclose(last.deltas, result.deltas, rtol=0, atol=1e-6)
 
 
@@ -110,12 +110,12 @@ def test_video_with_num_return_sequences(pair):
     inputs = make_inputs(sizes=(), frames=2)
     cfg = ar.ReplayConfig(layers=2, lr=LR, steps=3)
     torch.manual_seed(0)
-    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
+    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base, internal=True) as seen_base, \
             ar.patch(rlvr, base=base, config=cfg) as handle:
         rlvr.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2)
         last = handle.last
     assert last.replayed and last.optimized_rows == 1
-    assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+    assert base_saw(seen_base, seen_rlvr)
 
 
 def test_ambiguous_tilings_are_settled_by_value(pair):
@@ -126,11 +126,11 @@ def test_ambiguous_tilings_are_settled_by_value(pair):
     assert sorted(n for n, _ in ad._sizes_for(4, 3)) == [3, 5]
     inputs = make_inputs(sizes=((48, 32), (64, 40)))
     cfg = ar.ReplayConfig(layers=2, lr=LR, steps=2)
-    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base) as seen_base, \
+    with FirstLayer0Input(rlvr) as seen_rlvr, FirstLayer0Input(base, internal=True) as seen_base, \
             ar.patch(rlvr, base=base, config=cfg) as handle:
         rlvr.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert handle.last is not None and handle.last.replayed
-    assert torch.equal(seen_base.hidden, seen_rlvr.hidden)
+    assert base_saw(seen_base, seen_rlvr)
 
 
 def test_precomputed_features_are_refused(pair):
