@@ -74,15 +74,29 @@ def check_pair_configs(base_config, rlvr_config, cfg=None) -> None:
         check_config_for(rlvr, cfg, "RLVR")
 
 
+#: files of a checkpoint that build the prompt (processor, chat template, tokenizer) or set generation defaults
+PROMPT_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+                "merges.txt", "added_tokens.json", "generation_config.json")
+
+
 def checkpoint_identity(path: str, config=None) -> Dict:
-    """What identifies a checkpoint's weights without reading them: its path,
-    the hash of its config.json, the names, sizes and modification times of
-    its weight files, and the hub revision when it came from the hub."""
+    """What identifies a checkpoint without reading its weights: its path, the
+    hash of its config.json and of the files that build the prompt (processor,
+    chat template, tokenizer, generation defaults: a changed template changes
+    every prompt), the names, sizes and modification times of its weight files,
+    and the hub revision when it came from the hub."""
     ident: Dict = {"path": path}
     if os.path.isdir(path):
         ident["resolved"] = os.path.realpath(path)
         with open(os.path.join(path, "config.json"), "rb") as f:
             ident["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        prompt = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            if name in PROMPT_FILES or name.startswith("chat_template"):
+                with open(os.path.join(path, name), "rb") as f:
+                    prompt.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+        ident["prompt_files_sha256"] = prompt.hexdigest()
         ident["weights"] = sorted(
             [n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns]
             for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".pt")))
@@ -117,8 +131,19 @@ def output_file(path: Optional[str], arg: str, stdout: bool = False) -> None:
         raise UsageError(f"{arg}: the directory {directory!r} is not writable")
 
 
-def distinct_outputs(outputs: Dict[str, Optional[str]]) -> None:
-    """No two output options name one file (each would overwrite the other)."""
+def distinct_outputs(outputs: Dict[str, Optional[str]], inputs: Optional[Dict[str, object]] = None) -> None:
+    """No two output options name one file (each would overwrite the other), and
+    no output names a file the command reads (`inputs`: option -> a path or a
+    list of paths): `--json c.png` once replaced the image with JSON."""
+    read: Dict[str, str] = {}
+    for arg, paths in (inputs or {}).items():
+        for path in (paths if isinstance(paths, (list, tuple)) else [paths]):
+            if path is not None:
+                read[os.path.realpath(path)] = f"{arg} {path!r}"
+    for arg, path in outputs.items():
+        if path is not None and path != STDOUT and os.path.realpath(path) in read:
+            raise UsageError(f"{arg}: {path!r} is the file {read[os.path.realpath(path)]} reads; give the output "
+                             "its own file")
     seen: Dict[str, str] = {}
     for arg, path in outputs.items():
         if path is None or path == STDOUT:

@@ -82,7 +82,7 @@ def _run_checks(args):
     outputs = {"--save-targets": args.save_targets, "--save-offsets": args.save_offsets, "--json": args.json}
     for option, path in outputs.items():
         checks.output_file(path, option, stdout=option == "--json")
-    checks.distinct_outputs(outputs)
+    checks.distinct_outputs(outputs, {"--image": args.image, "--video": args.video, "--targets": args.targets})
     if args.targets and args.save_targets:
         raise UsageError(f"--save-targets: with --targets {args.targets} the base model does not run, so there are "
                          "no new targets to save; drop one of the two")

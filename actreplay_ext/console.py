@@ -206,9 +206,9 @@ def guarded(prog: str, command: Callable[[], int], verbose: bool = False) -> int
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
-            ImportError, OSError) as e:
+            ImportError, OSError, ArithmeticError) as e:
         # The user's to fix (mismatched models, a configuration beyond the model, a
-        # missing file or package): one line, not a traceback.
+        # missing file or package, a learning rate that overflows): one line, not a traceback.
         if verbose:
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -141,12 +141,13 @@ def _decode_video(path: str, fps: float, max_frames: int):
                 container.duration / 1e6 if container.duration else 0.0)
             step = max(1.0 / fps, duration / max_frames if duration else 0.0)
             rate = float(stream.average_rate or 1)
-            frames, next_t = [], 0.0
+            frames, start = [], None
             for i, frame in enumerate(container.decode(stream)):
                 t = float(frame.time) if frame.time is not None else i / rate
-                if t + 1e-6 >= next_t and len(frames) < max_frames:
+                if start is None:  # the clock starts at the first frame: timestamps need not start at 0
+                    start = t
+                if t + 1e-6 >= start + len(frames) * step and len(frames) < max_frames:
                     frames.append(frame.to_image())
-                    next_t += step
     except (av.error.FFmpegError, IndexError) as e:
         raise ValueError(f"video {path!r} cannot be decoded ({e})") from None
     if not frames:

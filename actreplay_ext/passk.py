@@ -38,6 +38,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from typing import Dict, List, Optional, Tuple
@@ -103,8 +104,8 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         args.max_new_tokens = 6 if args.demo else 1024
     if any(not 1 <= k <= args.samples for k in args.k):
         raise UsageError(f"every --k must be in 1..--samples ({args.samples}), got {args.k}")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0 (Pass@k samples), got {args.temperature}")
+    if not 0 < args.temperature < math.inf:  # inf samples uniformly, and is not JSON for run.json
+        raise UsageError(f"--temperature must be a finite number > 0 (Pass@k samples), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     checks.output_dir(args.out, "--out")
@@ -224,6 +225,17 @@ def _with_replay_defaults(settings: Dict) -> Dict:
         return settings
 
 
+def _with_new_fields(old: Dict, new: Dict) -> Dict:
+    """An older version's settings with the checkpoint fields it did not record
+    yet (the prompt files' hash) taken from this run: the same run, if the rest agrees."""
+    models = old.get("models") if isinstance(old, dict) else None
+    if not isinstance(models, dict) or not isinstance(new.get("models"), dict):
+        return old
+    filled = {k: ({**new["models"][k], **v} if isinstance(v, dict) and isinstance(new["models"].get(k), dict)
+                  and "prompt_files_sha256" not in v else v) for k, v in models.items()}
+    return {**old, "models": filled}
+
+
 def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[str, str]):
     """(the run's fingerprint, the records in `out` that this run can reuse); a
     UsageError when `out` holds another run's records or a row changed since
@@ -236,7 +248,7 @@ def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[st
     if os.path.exists(run_file):
         with open(run_file) as f:
             old = json.load(f)
-        upgraded = _with_replay_defaults(old.get("settings", {}))
+        upgraded = _with_new_fields(_with_replay_defaults(old.get("settings", {})), settings)
         if old.get("fingerprint") != fp and fingerprint(upgraded) == fp:
             fp = old["fingerprint"]
         elif old.get("fingerprint") != fp:

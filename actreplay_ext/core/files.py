@@ -39,6 +39,9 @@ def open_output(path: str, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
         raise ValueError(f"open_output: mode must be 'w' or 'wb', got {mode!r}")
     if mode == "w":
         open_kwargs.setdefault("encoding", "utf-8")
+    path = os.fspath(path)
+    if not path or path.endswith(os.sep):  # realpath would drop the slash and write a file named like the directory
+        raise IsADirectoryError(f"argument 'path' must name a file, got {path!r}")
     existing = _stat(path)
     if existing is not None and (not stat.S_ISREG(existing.st_mode) or _reaches_a_descriptor(path)):
         with open(path, mode.replace("w", "a"), **open_kwargs) as f:  # a directory fails here, as open() says

@@ -176,10 +176,15 @@ class ReplayHandle:
                 f"actreplay_ext: {self!r} was removed (its with-block ended or remove() was called) and cannot be "
                 "entered again; call actreplay_ext.patch(...) or apply(...) for a new handle"
             )
+        self._entered = getattr(self, "_entered", 0) + 1
         return self
 
     def __exit__(self, *exc):
-        self.remove()
+        # nested `with h:` blocks: the outermost one removes the hooks (an inner exit once unpatched the rest
+        # of the outer block in silence)
+        self._entered = getattr(self, "_entered", 1) - 1
+        if self._entered <= 0:
+            self.remove()
         return False
 
     @property

@@ -186,3 +186,14 @@ def test_a_directory_is_an_error_and_stays(tmp_path):
     with pytest.raises(IsADirectoryError):
         files.write_text(str(tmp_path), "x")
     assert tmp_path.is_dir() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", ["", "out/"])
+def test_a_path_that_names_no_file_is_refused(tmp_path, monkeypatch, path):
+    """'out/' once wrote a file named out (realpath drops the slash); '' wrote its
+    temporary file in the parent directory."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(tmp_path.parent))
+    with pytest.raises(IsADirectoryError, match="argument 'path' must name a file"):
+        _result().save(path)
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(tmp_path.parent))) == before

@@ -73,6 +73,20 @@ def test_a_removed_handle_cannot_be_entered_again(pair, kind):
     assert hooks_of(rlvr) == hooks and torch.equal(logits(rlvr, x), plain)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_nested_blocks_of_one_handle_keep_it_until_the_outermost_ends(pair, kind):
+    """An inner `with h:` once removed the hooks, and the rest of the outer block ran unpatched in silence."""
+    base, rlvr = pair
+    x = tiny.make_inputs(rlvr)
+    plain = logits(rlvr, x)
+    handle = KINDS[kind](base, rlvr, x)
+    with handle:
+        with handle:
+            patched = logits(rlvr, x)
+        assert handle.active and torch.equal(logits(rlvr, x), patched)
+    assert not handle.active and torch.equal(logits(rlvr, x), plain)
+
+
 def test_set_targets_on_a_removed_handle_is_an_error(pair):
     base, rlvr = pair
     x = tiny.make_inputs(rlvr)

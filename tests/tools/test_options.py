@@ -193,3 +193,60 @@ def test_an_ablation_entry_with_baseline_false_replays():
     a = ablate.parse_spec({"name": "r", "baseline": False, "layers": 3, "lr": 0.005}, "x")
     assert a.config is not None and a.config.layers == 3 and a.config.lr == 0.005
     assert ablate.parse_spec({"name": "b", "baseline": True}, "x").config is None
+
+
+def test_an_output_that_names_an_input_is_refused(ckpt, capsys, no_models, tmp_path):
+    """`--json c.png` once replaced the image with JSON, and `--save-offsets` over
+    `--targets` replaced the targets with a result."""
+    image = tmp_path / "c.png"
+    shutil.copy(ckpt["image"], image)
+    before = image.read_bytes()
+    argv = ["--quiet", "run", "--base", ckpt["base"], "--rlvr", ckpt["rlvr"], "--image", str(image),
+            "--prompt", "q", "--layers", "3"]
+    code, err = one_line_error(capsys, argv + ["--json", str(image)])
+    assert code == 2 and err == f"actreplay run: error: --json: {str(image)!r} is the file --image {str(image)!r} " \
+                                "reads; give the output its own file", err
+    (tmp_path / "img-link.png").symlink_to(image)  # through a link too
+    code, err = one_line_error(capsys, argv + ["--save-offsets", str(tmp_path / "img-link.png")])
+    assert code == 2 and "is the file --image" in err
+    assert image.read_bytes() == before
+    targets = tmp_path / "t.safetensors"
+    targets.write_bytes(b"not read: the check comes first")
+    code, err = one_line_error(capsys, ["--quiet", "run", "--rlvr", ckpt["rlvr"], "--image", str(image), "--prompt",
+                                        "q", "--targets", str(targets), "--save-offsets", str(targets)])
+    assert code == 2 and "is the file --targets" in err
+    assert targets.read_bytes() == b"not read: the check comes first"
+
+
+def test_a_learning_rate_that_overflows_is_one_line(capsys):
+    """A loss that overflows (FloatingPointError) is the user's to fix: one line, exit 2, not a traceback."""
+    code, err = one_line_error(capsys, ["--quiet", "demo", "--steps", "1", "--lr", "1e39"])
+    assert code == 2 and err.startswith("actreplay demo: error: actreplay_ext: the offsets are not finite"), err
+
+
+def test_an_infinite_temperature_is_refused(ckpt, capsys, no_models, tmp_path):
+    code, err = one_line_error(capsys, ["--quiet", "passk", "--base", ckpt["base"], "--rlvr", ckpt["rlvr"],
+                                        "--data", ckpt["rows"], "--out", str(tmp_path / "o"), "--temperature",
+                                        "inf"])
+    assert code == 2 and "--temperature must be a finite number > 0" in err, err
+
+
+def test_the_prompt_files_are_part_of_a_checkpoints_identity(ckpt, tmp_path):
+    """A changed chat template changes every prompt: passk resumed into an earlier
+    template's samples. An older run.json without the field still resumes."""
+    from actreplay_ext import checks
+
+    copy = tmp_path / "rlvr"
+    shutil.copytree(ckpt["rlvr"], copy)
+    before = checks.checkpoint_identity(str(copy))
+    template = next((p for p in copy.iterdir() if p.name.startswith("chat_template")), None) or \
+        copy / "tokenizer_config.json"
+    template.write_text(template.read_text() + "\n")
+    after = checks.checkpoint_identity(str(copy))
+    assert before["prompt_files_sha256"] != after["prompt_files_sha256"]
+    assert {k: v for k, v in before.items() if k != "prompt_files_sha256"} == \
+        {k: v for k, v in after.items() if k != "prompt_files_sha256"}
+    settings = {"models": {"rlvr": after}, "seed": 0}
+    older = {"models": {"rlvr": {k: v for k, v in after.items() if k != "prompt_files_sha256"}}, "seed": 0}
+    assert passk._with_new_fields(older, settings) == settings
+    assert passk._with_new_fields({"models": {"rlvr": before}, "seed": 0}, settings) != settings

@@ -394,3 +394,36 @@ def test_video_errors_are_one_line(ckpt, capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed
     last = error_of(capsys, argv + ["--video", str(broken)])
     assert "decoding a video file needs PyAV: pip install 'actreplay_ext[video]'" in last
+
+
+def test_video_sampling_starts_at_the_first_frame_not_at_time_zero(tmp_path):
+    """A clip whose timestamps start at 5 s is sampled as the same clip starting at
+    0 s: the sampling clock once started at 0 and kept every frame until it caught up."""
+    av = pytest.importorskip("av")
+    import fractions
+
+    import numpy as np
+
+    def make(path, first, n=50, fps=25):
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("mpeg4", rate=fps)
+            s.width = s.height = 64
+            s.pix_fmt = "yuv420p"
+            s.codec_context.time_base = fractions.Fraction(1, fps)
+            for i in range(n):
+                img = np.zeros((64, 64, 3), np.uint8)
+                img[:, :, 0] = i * 5  # the frame's index, in red
+                f = av.VideoFrame.from_ndarray(img, format="rgb24")
+                f.pts = i + first
+                for p in s.encode(f):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+
+    kept = {}
+    for name, first in (("at0.mp4", 0), ("at5s.mp4", 125)):
+        make(tmp_path / name, first)
+        frames, rate = data._decode_video(str(tmp_path / name), 2.0, 64)
+        kept[name] = ([int(round(np.asarray(f)[0, 0, 0] / 5)) for f in frames], rate)
+    assert kept["at0.mp4"] == kept["at5s.mp4"]
+    assert kept["at0.mp4"][0] == [0, 12, 25, 37] and kept["at0.mp4"][1] == 2.0
