@@ -287,8 +287,8 @@ RESULT_FORMAT = "actreplay_ext.ReplayResult/1"
 
 def _check_images(images: Optional[torch.Tensor], bad) -> None:
     if images is not None and (images.dim() != 1 or images.dtype != torch.long or images.numel() == 0
-                               or bool((images[1:] <= images[:-1]).any())):
-        raise bad("'images'", f"must be the sorted distinct int64 hashes of the prompt's pixels, "
+                               or torch.unique(images).numel() != images.numel()):
+        raise bad("'images'", f"must be the distinct int64 hashes of the prompt's images, "
                               f"got {tuple(images.shape)} {images.dtype}")
 
 

@@ -13,7 +13,7 @@ import torch
 
 import actreplay_ext as ar
 from actreplay_ext import tiny
-from actreplay_ext.core import image_hashes
+from actreplay_ext.core import image_hashes, images_differ
 
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
@@ -77,15 +77,33 @@ def test_repeated_rows_and_a_subset_of_a_batch_still_match():
 
 def test_the_hashes_see_pixels_as_the_vision_tower_does():
     g = torch.Generator().manual_seed(0)
-    px = torch.randn(64, 1176, generator=g)
-    a = image_hashes({"pixel_values": px}, torch.bfloat16)
+    px = torch.randn(128, 1176, generator=g)
+    grid = torch.tensor([[1, 8, 8], [1, 8, 8]])
+    a = image_hashes({"pixel_values": px, "image_grid_thw": grid}, torch.bfloat16)
+    assert a.numel() == 2  # an image each, whole
     # float32 pixels and the bf16 copy the forward makes are the same images to a bf16 tower
-    assert torch.equal(a, image_hashes({"pixel_values": px.bfloat16()}, torch.bfloat16))
-    # one changed value is another image; the order of the items is not part of the record
+    assert torch.equal(a, image_hashes({"pixel_values": px.bfloat16(), "image_grid_thw": grid}, torch.bfloat16))
+    # one changed value is another image; so are an image's patches in another order (a mirrored layout)
     changed = px.clone()
     changed[5, 7] += 1.0
-    assert not torch.equal(a, image_hashes({"pixel_values": changed}, torch.bfloat16))
-    assert torch.equal(a, image_hashes({"pixel_values": px.flip(0)}, torch.bfloat16))
+    assert image_hashes({"pixel_values": changed, "image_grid_thw": grid}, torch.bfloat16)[0] != a[0]
+    mirrored = torch.cat([px[:64].flip(0), px[64:]])
+    assert image_hashes({"pixel_values": mirrored, "image_grid_thw": grid}, torch.bfloat16)[0] != a[0]
+    # the same rows on another grid are another image
+    assert not torch.equal(a, image_hashes({"pixel_values": px, "image_grid_thw": torch.tensor([[1, 4, 16]] * 2)},
+                                           torch.bfloat16))
+    # swapped images are another prompt; the images repeated (beams, either order of repetition) are not
+    swapped = torch.cat([px[64:], px[:64]])
+    assert torch.equal(image_hashes({"pixel_values": swapped, "image_grid_thw": grid}, torch.bfloat16), a.flip(0))
+    assert images_differ(a, a.flip(0))
+    for rep in (torch.cat([px, px]), torch.cat([px[:64], px[:64], px[64:], px[64:]])):
+        assert torch.equal(image_hashes({"pixel_values": rep, "image_grid_thw": grid.repeat(2, 1)}, torch.bfloat16),
+                           a)
+    assert not images_differ(a, a[1:], subset=True) and images_differ(a, a.flip(0), subset=True)
+    # a video at another frame rate is another video
+    vid = {"pixel_values_videos": px[:64], "video_grid_thw": torch.tensor([[2, 4, 8]])}
+    assert not torch.equal(image_hashes({**vid, "second_per_grid_ts": torch.tensor([1.0])}),
+                           image_hashes({**vid, "second_per_grid_ts": torch.tensor([4.0])}))
     # [images, C, H, W]: one hash per image; all-zero padding images are left out
     imgs = torch.randn(3, 3, 8, 8, generator=g)
     padded = torch.cat([imgs, torch.zeros(1, 3, 8, 8)])
@@ -93,7 +111,32 @@ def test_the_hashes_see_pixels_as_the_vision_tower_does():
     assert torch.equal(image_hashes({"pixel_values": imgs}), image_hashes({"pixel_values": padded}))
     assert image_hashes({"input_ids": torch.ones(1, 4, dtype=torch.long)}) is None  # text only: nothing to compare
     if torch.cuda.is_available():  # the same on every device
-        assert torch.equal(a, image_hashes({"pixel_values": px.cuda()}, torch.bfloat16))
+        assert torch.equal(a, image_hashes({"pixel_values": px.cuda(), "image_grid_thw": grid.cuda()},
+                                           torch.bfloat16))
+
+
+def test_rows_with_swapped_images_and_a_video_at_another_rate_are_refused():
+    base, rlvr = tiny.make_pair(noise=0.5)
+    cfg = ar.ReplayConfig(layers=3, lr=0.05, steps=2)
+    x = tiny.make_inputs(rlvr, images=[(8, 8)], batch=2)
+    n = x["pixel_values"].shape[0] // 2
+    targets = ar.compute_targets(base, x, cfg)
+    z = dict(x)
+    z["pixel_values"] = torch.cat([x["pixel_values"][n:], x["pixel_values"][:n]])
+    with pytest.raises(ValueError, match="targets were computed for other images"):
+        ar.optimize(rlvr, z, targets, cfg)
+    with ar.patch(rlvr, targets=targets, config=cfg), pytest.raises(ValueError, match="other images"):
+        rlvr(**z)
+    v = tiny.make_inputs(rlvr, images=[], video=(2, 4, 4))
+    assert "second_per_grid_ts" in v or "video_grid_thw" in v
+    v = {**v, "second_per_grid_ts": torch.tensor([1.0])}
+    video_targets = ar.compute_targets(base, v, cfg)
+    ar.optimize(rlvr, v, video_targets, cfg)  # its own rate
+    with pytest.raises(ValueError, match="other images"):
+        ar.optimize(rlvr, {**v, "second_per_grid_ts": torch.tensor([4.0])}, video_targets, cfg)
+    with ar.patch(rlvr, targets=video_targets, config=cfg) as h:  # generate passes the rate its own way
+        rlvr.generate(**v, max_new_tokens=2, do_sample=False)
+        assert h.last.losses
 
 
 def test_files_keep_the_images_and_older_files_still_load(tmp_path):
@@ -128,7 +171,7 @@ def test_files_keep_the_images_and_older_files_still_load(tmp_path):
     with safe_open(str(tmp_path / "r.safetensors"), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(tmp_path / "r.safetensors"))
-    tensors["images"] = tensors["images"].flip(0)
+    tensors["images"] = tensors["images"].repeat(2)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(ValueError, match="'images' must be the sorted distinct int64 hashes"):
+    with pytest.raises(ValueError, match="'images' must be the distinct int64 hashes"):
         ar.ReplayResult.load(str(tmp_path / "bad.safetensors"))
