@@ -134,6 +134,13 @@ class ReplayConfig:
         if self.mode == "direct" and self.inject_layer:
             raise ValueError(f"ReplayConfig: 'inject_layer' ({self.inject_layer}) applies to mode='tokens'; "
                              "mode='direct' substitutes at the input of every replay layer")
+        # a field of another rule would be ignored in silence: the run would be the default rule's
+        if self.topk_tokens is not None and self.rule != "topk":
+            raise ValueError(f"ReplayConfig: 'topk_tokens' is read by rule='topk' only, and rule={self.rule!r}; "
+                             "give rule='topk' too, or drop topk_tokens")
+        if self.thresholds is not None and self.rule != "absolute" and self.mode != "direct":
+            raise ValueError(f"ReplayConfig: 'thresholds' is read by rule='absolute' and mode='direct' only, and "
+                             f"rule={self.rule!r}, mode={self.mode!r}; give rule='absolute' too, or drop thresholds")
         if self.rule == "topk":
             k = self.topk_tokens
             if k is None or isinstance(k, bool) or not (

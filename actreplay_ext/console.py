@@ -96,8 +96,8 @@ def positive_int(text: str) -> int:
 def layers_arg(text: str):
     """--layers: a count N >= 1 (layers 0..N-1) or a comma-separated list of layer indices."""
     try:
-        if "," in text:
-            return [int(x) for x in text.split(",") if x.strip()]
+        if "," in text:  # every entry a layer: "3," is neither the count 3 nor a list, refused
+            return [int(x) for x in text.split(",")]
         count = int(text)
     except ValueError:
         count = 0

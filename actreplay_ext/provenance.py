@@ -24,6 +24,12 @@ def git_revision() -> Optional[Dict]:
     when the package runs from a git checkout (an installed wheel: None)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
+        # the package's own source must be tracked there: an install inside the user's project
+        # (project/.venv/...) sits in a work tree whose commit is the project's, not the package's
+        mine = subprocess.run(["git", "-C", here, "ls-files", "--error-unmatch", os.path.abspath(__file__)],
+                              capture_output=True, text=True, timeout=10)
+        if mine.returncode != 0:
+            return None
         rev = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
             return None

@@ -73,3 +73,17 @@ def test_a_config_of_numpy_numbers_saves_and_loads_like_the_plain_one(tmp_path):
     back = ar.ReplayResult.load(str(tmp_path / "result.safetensors"))
     assert back.config == plain.as_dict() and ar.ReplayConfig(**back.config) == plain
     assert torch.equal(back.deltas, ar.optimize(rlvr, x, targets, plain).deltas)
+
+
+@pytest.mark.parametrize("fields, message, fixed", [
+    (dict(thresholds=[0.1, 0.1, 0.1], layers=3), "'thresholds' is read by rule='absolute' and mode='direct' only",
+     dict(rule="absolute")),
+    (dict(topk_tokens=2), "'topk_tokens' is read by rule='topk' only", dict(rule="topk")),
+    (dict(rule="absolute", thresholds=[0.1, 0.1, 0.1], layers=3, topk_tokens=0.5), "'topk_tokens' is read by",
+     dict(topk_tokens=None)),
+])
+def test_a_field_of_another_rule_is_refused_not_ignored(fields, message, fixed):
+    """With the default rule='ratio' these ran the ratio rule in silence."""
+    with pytest.raises(ValueError, match=message):
+        ar.ReplayConfig(**fields)
+    ar.ReplayConfig(**{**fields, **fixed})

@@ -199,12 +199,14 @@ def test_targets_made_for_other_pixels_are_refused_before_a_model_loads(ckpt, ca
     assert cli.main(argv) == 0  # its own image
 
 
-def test_a_malformed_layer_list_is_an_argparse_error(ckpt, capsys, no_weights):
+@pytest.mark.parametrize("value", ["1,x", "3,", ",3", "1,,2"])
+def test_a_malformed_layer_list_is_an_argparse_error(ckpt, capsys, no_weights, value):
+    """'3,' once meant layer 3 alone (an empty entry dropped), where a count of 3 was likely meant."""
     with pytest.raises(SystemExit) as exit_:
-        cli.main(run_args(ckpt, "--layers", "1,x"))
+        cli.main(run_args(ckpt, "--layers", value))
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and err[-1] == (
-        "actreplay run: error: argument --layers: expected a count like 16 or a list like 0,2,4, got '1,x'")
+        f"actreplay run: error: argument --layers: expected a count like 16 or a list like 0,2,4, got {value!r}")
 
 
 def test_a_layer_list_runs_records_itself_and_travels_with_its_targets(ckpt, capsys, tmp_path):
@@ -427,3 +429,32 @@ def test_video_sampling_starts_at_the_first_frame_not_at_time_zero(tmp_path):
         kept[name] = ([int(round(np.asarray(f)[0, 0, 0] / 5)) for f in frames], rate)
     assert kept["at0.mp4"] == kept["at5s.mp4"]
     assert kept["at0.mp4"][0] == [0, 12, 25, 37] and kept["at0.mp4"][1] == 2.0
+
+
+def test_the_recorded_commit_is_the_packages_own(tmp_path):
+    """Installed inside a user's project (project/.venv/...), the package once recorded the
+    project's commit as its own; from its own checkout it records that checkout's."""
+    import shutil
+    import subprocess
+
+    from actreplay_ext import provenance
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    ours = provenance.git_revision()
+    here = os.path.dirname(os.path.abspath(provenance.__file__))
+    tracked = subprocess.run(["git", "-C", here, "ls-files", "--error-unmatch", provenance.__file__],
+                             capture_output=True).returncode == 0
+    assert (ours is not None) == tracked
+    project = tmp_path / "project"
+    site = project / ".venv" / "site"
+    shutil.copytree(here, site / "actreplay_ext", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "project"]):
+        subprocess.run(["git", "-C", str(project), *cmd], check=True, env=env, capture_output=True)
+    code = "import provenance_copy as p; print(p.git_revision())"
+    shutil.copy(site / "actreplay_ext" / "provenance.py", site / "actreplay_ext" / "provenance_copy.py")
+    out = subprocess.run([sys.executable, "-c", code], cwd=site / "actreplay_ext", capture_output=True, text=True,
+                         env={**env, "PYTHONPATH": str(site / "actreplay_ext")})
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stdout + out.stderr
