@@ -98,12 +98,9 @@ def layers_arg(text: str):
     try:
         if "," in text:  # every entry a layer: "3," is neither the count 3 nor a list, refused
             return [int(x) for x in text.split(",")]
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a count like 16 or a list like 0,2,4, got {text!r}")
-    return count
+        return positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected a count like 16 or a list like 0,2,4, got {text!r}") from None
 
 
 REPLAY_OPTIONS = ("layers", "lr", "steps", "optimizer", "tol")
