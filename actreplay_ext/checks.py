@@ -23,8 +23,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_local(path: str) -> bool:
-    """Whether `path` names a local directory (existing or not) rather than a hub id."""
-    return os.path.exists(path) or not _HUB_ID.match(path) or path.startswith((".", "~"))
+    """Whether `path` names a local directory (existing or not) rather than a hub
+    id. `org/name` whose `org` is a local directory is a local path (a typo in
+    `pair/rlvrr` is "not found" at once, not five retries against the hub)."""
+    first = path.split("/", 1)[0]
+    return (os.path.exists(path) or not _HUB_ID.match(path) or path.startswith((".", "~"))
+            or (first != path and os.path.isdir(first)))
 
 
 def checkpoint_config(path: str, arg: str):

@@ -223,10 +223,24 @@ def write_text(path: str, text: str) -> None:
     files.write_text(path, text)
 
 
+def strict_json(obj):
+    """`obj` with NaN and infinities as null: JSON has no NaN (json.dumps writes a bare
+    NaN that strict readers refuse), and a number that could not be measured is missing."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj) -> None:
     import json
 
-    write_text(path, json.dumps(obj, indent=1) + "\n")
+    write_text(path, json.dumps(strict_json(obj), indent=1, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

@@ -18,7 +18,9 @@ Relative paths are resolved against the JSONL file's directory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import os
 import string
 from typing import Any, Dict, List, Optional
@@ -45,9 +47,16 @@ def _resolve(path, root: str):
     return os.path.join(root, path) if isinstance(path, str) and not os.path.isabs(path) else path
 
 
+#: the fields a row is read from; others (a dataset's own metadata) are kept out of the prompt
+ROW_FIELDS = ("id", "question", "image", "images", "video", "answer", "choices")
+log = logging.getLogger("actreplay_ext")
+
+
 def read_jsonl(path: str, check_files: bool = True) -> List[Row]:
-    """The rows of a JSONL dataset; a malformed line, or (with `check_files`)
-    an image or video that is not there, is an error naming `file:line`."""
+    """The rows of a JSONL dataset; a malformed line, a field that looks like a
+    misspelt row field ("img" for "image": the row would run text-only), or (with
+    `check_files`) an image or video that is not there or does not decode, is an
+    error naming `file:line`. A file without rows is an error too."""
     root = os.path.dirname(os.path.abspath(path))
     rows, seen = [], set()
     if not os.path.isfile(path):
@@ -62,6 +71,11 @@ def read_jsonl(path: str, check_files: bool = True) -> List[Row]:
                 raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("question"), str):
                 raise ValueError(f"{path}:{n}: each row needs a 'question' string")
+            for key in obj:
+                close = difflib.get_close_matches(key, ROW_FIELDS, n=1, cutoff=0.7) if key not in ROW_FIELDS else []
+                if close:
+                    raise ValueError(f"{path}:{n}: field {key!r} is not a row field; did you mean {close[0]!r}? "
+                                     f"(a row reads {', '.join(ROW_FIELDS)}; rename it, or give metadata another name)")
             images = [obj["image"]] if "image" in obj else list(obj.get("images", []))
             video = obj.get("video")
             if isinstance(video, list):
@@ -76,6 +90,12 @@ def read_jsonl(path: str, check_files: bool = True) -> List[Row]:
             _check_row(row, obj, f"{path}:{n}", check_files)
             seen.add(row.id)
             rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: holds no rows (each line a JSON object with a 'question')")
+    text_only = sum(1 for r in rows if not r.images and r.video is None)
+    if text_only:
+        log.warning("%s: %d of %d rows have no image or video (replay leaves them unchanged)", path, text_only,
+                    len(rows))
     return rows
 
 
@@ -92,10 +112,44 @@ def _check_row(row: Row, obj: Dict, where: str, check_files: bool) -> None:
     for p in row.images:
         if not os.path.isfile(p):
             raise ValueError(f"{where}: image {p!r} not found")
+        _check_image(p, where)
     frames = row.video if isinstance(row.video, list) else [row.video] if row.video is not None else []
     for p in frames:
         if not isinstance(p, str) or not os.path.exists(p):
             raise ValueError(f"{where}: video {p!r} not found")
+        if isinstance(row.video, list):
+            _check_image(p, where, "video frame")
+        elif os.path.isdir(p):
+            if not _frame_files(p):
+                raise ValueError(f"{where}: video directory {p!r} holds no frame images")
+        else:
+            _check_video(p, where)
+
+
+def _check_image(path: str, where: str, what: str = "image") -> None:
+    """The file decodes as an image (read before any model loads, so a broken file is
+    found in seconds and named by its row)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:
+        raise ValueError(f"{where}: {what} {path!r} does not decode ({type(e).__name__}: {e})") from None
+
+
+def _check_video(path: str, where: str) -> None:
+    try:
+        import av
+    except ImportError:
+        return  # decoding needs PyAV; encode() names the extra when it comes to it
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            next(container.decode(video=0))
+    except (av.error.FFmpegError, ValueError, StopIteration, IndexError) as e:
+        raise ValueError(f"{where}: video {path!r} does not decode ({type(e).__name__}: {e})") from None
 
 
 def question_text(row: Row) -> str:
@@ -155,6 +209,11 @@ def _decode_video(path: str, fps: float, max_frames: int):
     return frames, 1.0 / step
 
 
+def _frame_files(directory: str) -> List[str]:
+    """The frame images of a video directory, by name."""
+    return sorted(n for n in os.listdir(directory) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+
+
 def _frames(video):
     """A video as the processor takes it, and its frame rate: a list of frames
     (a list of images or paths, a directory of frame images: taken to be
@@ -162,7 +221,7 @@ def _frames(video):
     if isinstance(video, (list, tuple)):
         return [_image(f) for f in video], VIDEO_FPS
     if isinstance(video, str) and os.path.isdir(video):
-        names = sorted(n for n in os.listdir(video) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        names = _frame_files(video)
         if not names:
             raise ValueError(f"video directory {video!r} holds no frame images (.png/.jpg/.jpeg/.webp)")
         return [_image(os.path.join(video, n)) for n in names], VIDEO_FPS
