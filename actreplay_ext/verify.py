@@ -32,7 +32,10 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*-?\d+)?%?|-?\.\d+")
+# Commas only as thousands separators (1,250 and 1,000,000; not 1,2 or 1,000,0); a minus sign only where
+# no digit or letter comes before it (the "-3" of "5-3" is a subtraction, not a negative number).
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*-?\d+)?%?(?![\d,]*\d)"
+                     r"|(?<![\w.])-?\.\d+")
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
 
 
@@ -73,6 +76,15 @@ def choice_letter(text: str, n_choices: int) -> Optional[str]:
         m = re.fullmatch(r"\(?([A-Z])\)?\.?", boxed.replace("\\text{", "").replace("}", "").strip())
         if m and m.group(1) in letters:
             return m.group(1)
+    # what the response commits to, most explicit first: "answer is B" / "answer: (B)", then "(B)", then a
+    # standalone letter that is not the article "A" or the pronoun "I" opening a sentence's next words
+    for pattern in (rf"answer\W{{0,3}}(?:is|:)?\W{{0,3}}\(?([{letters}])\)?(?![A-Za-z])",
+                    rf"\(([{letters}])\)",
+                    rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])(?!\s+[a-z])"):
+        found = re.findall(pattern, text, flags=re.IGNORECASE if pattern.startswith("answer") else 0)
+        found = [f for f in found if f in letters]
+        if found:
+            return found[-1]
     found = re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
     return found[-1] if found else None
 

@@ -97,3 +97,21 @@ def test_pass_at_k_large_n_matches_binomials():
 def test_pass_at_k_rejects_impossible_counts(n, c, k):
     with pytest.raises(ValueError, match="need 0 <= c <= n and 1 <= k <= n"):
         verify.pass_at_k(n, c, k)
+
+
+@pytest.mark.parametrize("response, answer, choices, ok", [
+    ("The point is (3,4).", "34", None, False),       # a pair, not the number 34
+    (r"\boxed{1,2}", "12", None, False),              # commas only as thousands separators
+    (r"\boxed{1,200}", "1200", None, True),
+    ("The result is 5-3", "-3", None, False),         # a subtraction, not -3
+    ("so the answer is -3", "-3", None, True),
+    ("The answer is B. A quick check confirms.", "B", ["w", "x", "y", "z"], True),   # "A" the article
+    ("It is (C). I am sure.", "C", list("abcdefghij"), True),                       # "I" the pronoun
+    ("Option A is right", "A", ["w", "x", "y", "z"], True),
+])
+def test_numbers_and_letters_the_heuristics_once_misread(response, answer, choices, ok):
+    assert verify.verify(response, answer, choices) is ok
+
+
+def test_malformed_thousands_are_not_numbers():
+    assert verify.parse_number("1,000,0") is None and verify.parse_number("1,000,000") == 1e6
