@@ -257,6 +257,8 @@ def _as_number(value, integral: bool):
         return float(value)
     except OverflowError:  # a Fraction or Decimal beyond float: not finite, refused as such
         return math.inf if value > 0 else -math.inf
+    except ValueError:  # Decimal('sNaN'): not a number, refused as such, naming the field
+        return math.nan
 
 
 def _as_list(value):
@@ -283,9 +285,12 @@ def _layer_list(layers):
     return len(layers) if layers == tuple(range(len(layers))) else layers
 
 
+_INT_MAX = 2**31 - 1  # layers, steps, topv ... beyond this fail deep inside torch (OverflowError), not here
+
+
 def _integer(name: str, value, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"ReplayConfig: '{name}' must be an int >= {lo}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= _INT_MAX:
+        raise ValueError(f"ReplayConfig: '{name}' must be an int in [{lo}, 2**31 - 1], got {value!r}")
 
 
 def _real(name: str, value, lo: Optional[float]) -> None:

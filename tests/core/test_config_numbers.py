@@ -87,3 +87,11 @@ def test_a_field_of_another_rule_is_refused_not_ignored(fields, message, fixed):
     with pytest.raises(ValueError, match=message):
         ar.ReplayConfig(**fields)
     ar.ReplayConfig(**{**fields, **fixed})
+
+
+@pytest.mark.parametrize("fields, field", [(dict(layers=2**70), "layers"), (dict(steps=2**40), "steps"),
+                                           (dict(lr=Decimal("sNaN")), "lr")])
+def test_numbers_beyond_what_the_run_can_take_name_their_field(fields, field):
+    """A bare OverflowError from deep inside, or "cannot convert signaling NaN", once named no field."""
+    with pytest.raises(ValueError, match=f"ReplayConfig: '{field}' must be"):
+        ar.ReplayConfig(**fields)

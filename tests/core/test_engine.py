@@ -146,7 +146,7 @@ def test_config_validation_and_presets():
         ar.ReplayConfig.preset("x")
     with pytest.raises(ValueError, match="'alignment' must be one of 'published', 'matched'"):
         ar.ReplayConfig(alignment="diagonal")
-    with pytest.raises(ValueError, match="'steps' must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"'steps' must be an int in \[1, 2\*\*31 - 1\]"):
         ar.ReplayConfig(steps=0)
     with pytest.raises(ValueError, match="'lr' must be >= 0"):
         ar.ReplayConfig(lr=-1.0)
