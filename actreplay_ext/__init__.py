@@ -8,7 +8,11 @@ The package, with imports running one way (tools -> hooks -> core -> models -> o
     core/               results, validation, the layer runner, prefill capture,
                         batching, targets, the optimisation loop, direct mode
     hooks/              patch() and apply(): one handle per mode, per-forward records
-    cli.py, analysis.py, data.py, verify.py, tiny.py   the tools around the engine
+    tiny.py             tiny random models from HF configs, for tests and demos
+    tools/              the tools around the library: the CLI, Pass@K, ablation,
+                        analysis, data files, answer checking (they import the library,
+                        never the other way)
+    integrations/       lmms-eval's model
 """
 
 import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
@@ -18,21 +22,26 @@ try:
 except ImportError as e:  # a source tree without the build, whichever ImportError Python raises for it
     import os as _os
 
-    _built = any(f.startswith("_C.") for f in _os.listdir(_os.path.dirname(_os.path.abspath(__file__))))
-    raise ImportError(
-        "actreplay_ext: the compiled extension actreplay_ext._C cannot be imported "
-        + (f"({type(e).__name__}: {e}); " if _built else "(it is not built in this source tree); ")
-        + "install the package (pip install --no-build-isolation .) and import it from outside the source tree, "
-        "or build it in place (python setup.py build_ext --inplace)"
-    ) from None
+    from ._source_tree import import_installed_instead as _import_installed_instead
 
-from . import moved, ops, reference
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _built = any(f.startswith("_C.") for f in _os.listdir(_here))
+    # `python -m` from the repository root: the installed package replaces this module in
+    # sys.modules (the rest of this file then binds the installed modules, harmlessly)
+    if _built or not _import_installed_instead(__name__, _here):
+        raise ImportError(
+            "actreplay_ext: the compiled extension actreplay_ext._C cannot be imported "
+            + (f"({type(e).__name__}: {e}); " if _built else "(it is not built in this source tree); ")
+            + "install the package (pip install --no-build-isolation .) and import it from outside the source tree, "
+            "or build it in place (python setup.py build_ext --inplace)"
+        ) from None
+    from . import _C
+
+from . import ops, reference
 from .config import PRESETS, ReplayConfig
 from .core import ReplayResult, ReplayTargets, compute_targets, optimize
 from .hooks import ReplayHandle, apply, patch
 from .models import get_adapter, register_adapter, supported_families
-
-moved.install()
 
 __version__ = "0.1.0"
 

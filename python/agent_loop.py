@@ -18,7 +18,8 @@ import sys
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import console, tiny
+from actreplay_ext import tiny
+from actreplay_ext.tools import console
 
 
 def add_image(prompt, answer_ids, grid, seed):

@@ -8,7 +8,7 @@ script for torchrun command lines written before it moved into the package:
 
 import sys
 
-from actreplay_ext.passk import main
+from actreplay_ext.tools.passk import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ puts tests/ on sys.path): tolerances and error measures, the parity check
 against the published loop, replay shortcuts, and the devices to run on."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -158,3 +159,22 @@ def qwen_prompt(model, **kw):
 
     kw.setdefault("images", [(8, 8)])
     return tiny.make_inputs(model, **kw)
+
+
+def source_copy(tmp_path):
+    """The package's sources without a compiled _C in `tmp_path`, as in a fresh clone's root;
+    the environment for a subprocess run there."""
+    shutil.copytree(os.path.join(ROOT, "actreplay_ext"), tmp_path / "actreplay_ext",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+
+
+def installed_elsewhere(tmp_path):
+    """(a PYTHONPATH, a code prefix): the package as it runs now, with its _C, copied to
+    `tmp_path/site` and named by that PYTHONPATH, and code that takes an editable install's
+    finder out (it would map the name to the built tree before the working directory is
+    looked at). Together they make the copy the installed package."""
+    shutil.copytree(os.path.dirname(actreplay_ext.__file__), tmp_path / "site" / "actreplay_ext",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return (str(tmp_path / "site"),
+            "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; ")

@@ -26,7 +26,7 @@ its results file.
 
 `generate_until` takes images (PIL images or paths), several per request, and
 one video (a file path, as lmms-eval's video tasks give it, decoded by
-`actreplay_ext.data.decode_video`); the task's generation kwargs
+`actreplay_ext.tools.data.decode_video`); the task's generation kwargs
 (as lmms-eval's qwen2_5_vl reads them: ``max_new_tokens``, default the model
 arg ``max_new_tokens`` or 32768; ``temperature`` > 0 samples, with ``top_p``,
 else greedy; ``num_beams``; ``until`` cuts the answer at the first stop string,
@@ -55,9 +55,9 @@ except ImportError:  # pragma: no cover - the message is the point
     raise ImportError("actreplay_ext.integrations.lmms_eval needs lmms-eval: pip install 'actreplay_ext[lmms]'") \
         from None
 
-from .. import checks, console, data
 from ..config import PRESETS, ReplayConfig
-from ..console import UsageError, loss_change, preset_with
+from ..tools import checks, console, data
+from ..tools.console import UsageError, loss_change, preset_with
 from . import lmms_files
 
 __all__ = ["ActReplay", "parse_model_args"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from ..provenance import file_name
+from ..tools.provenance import file_name
 
 __all__ = ["offsets_file", "log_file"]
 

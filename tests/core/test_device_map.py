@@ -5,7 +5,8 @@ import torch
 from helpers import replay
 
 import actreplay_ext as ar
-from actreplay_ext import data, tiny
+from actreplay_ext import tiny
+from actreplay_ext.tools import data
 
 pytest.importorskip("accelerate")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import console
 from actreplay_ext.core import files
+from actreplay_ext.tools import console
 
 
 def _result():

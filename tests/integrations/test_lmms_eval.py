@@ -19,9 +19,10 @@ pytest.importorskip("lmms_eval", reason="the lmms extra: pip install 'actreplay_
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 
 import actreplay_ext as ar
-from actreplay_ext import data, tiny
-from actreplay_ext.console import UsageError
+from actreplay_ext import tiny
 from actreplay_ext.integrations import lmms_eval as plugin
+from actreplay_ext.tools import data
+from actreplay_ext.tools.console import UsageError
 
 TASK_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmms_task")
 TASK, BASELINE = "actreplay_tiny_vqa", "actreplay_tiny_vqa_baseline"
@@ -348,3 +349,22 @@ def test_model_args_as_lmms_eval_parses_them(pair):
 def test_loglikelihood_says_it_is_unsupported(direct_model):
     with pytest.raises(NotImplementedError, match="loglikelihood is not supported"):
         direct_model.loglikelihood([request(0, "q", {})])
+
+
+def test_the_entry_point_loads_from_the_repository_root(tmp_path):
+    """`python -m lmms_eval --model actreplay` from a clone's root: the working directory's
+    source tree (no _C) comes first; lmms-eval's entry point loads the installed package
+    (once it logged a warning and said "Model 'actreplay' not found", exit 0)."""
+    from helpers import installed_elsewhere, source_copy
+
+    env = source_copy(tmp_path)
+    site, no_editable = installed_elsewhere(tmp_path)
+    env["PYTHONPATH"] = site
+    code = no_editable + ("import importlib.metadata as m; ep = [e for e in m.entry_points(group='lmms_eval.models') "
+                          "if e.name == 'actreplay'][0]; print(ep.load()); import actreplay_ext.integrations.lmms_eval "
+                          "as p; print(p.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "has no compiled extension" in out.stderr and "using the installed package" in out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith(site)

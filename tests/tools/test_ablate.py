@@ -2,7 +2,7 @@
 
 import json
 
-from actreplay_ext import ablate
+from actreplay_ext.tools import ablate
 
 
 def test_ablate_demo_writes_the_table(tmp_path, capsys):

@@ -4,8 +4,9 @@ KL(base || RLVR) against the full models run with hooks, and the decile table.""
 import pytest
 import torch
 
-from actreplay_ext import analysis, get_adapter, tiny
+from actreplay_ext import get_adapter, tiny
 from actreplay_ext.models.calls import layer_output
+from actreplay_ext.tools import analysis
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import cli, data, tiny
+from actreplay_ext import tiny
+from actreplay_ext.tools import cli, data
 
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 

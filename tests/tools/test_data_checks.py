@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
-from actreplay_ext import checks, cli, console, data
-from actreplay_ext.console import UsageError
+from actreplay_ext.tools import checks, cli, console, data
+from actreplay_ext.tools.console import UsageError
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from actreplay_ext import data, passk, verify
+from actreplay_ext.tools import data, passk, verify
 
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 
@@ -166,10 +166,9 @@ def test_bootstrap_interval_brackets_the_mean_and_pairs_the_difference():
     lo, hi = passk.bootstrap(values)
     assert lo < float(values.mean()) < hi and 0 <= lo and hi <= 1
     assert passk.bootstrap(torch.full((5,), 0.4)) == pytest.approx([0.4, 0.4])  # no spread, no interval
-    rows = [data.Row(id=str(i), question="q", answer="1") for i in range(8)]
     recs = [{"id": str(i), "mode": m, "correct": [True, bool(i % 2)] if m == "replay" else [bool(i % 2), False]}
             for i in range(8) for m in passk.MODES]
-    s = passk.summarise(recs, rows, [1], 2)
+    s = passk.summarise(recs, [str(i) for i in range(8)], [1], 2)
     # replay is better by exactly 0.5 on every row: the paired difference has no spread
     assert s["difference"]["pass@1"]["mean"] == pytest.approx(0.5)
     assert s["difference"]["pass@1"]["ci95"] == pytest.approx([0.5, 0.5])
@@ -221,7 +220,7 @@ def test_checkpoints_and_a_jsonl_saving_each_rows_offsets(checkpoint_rows, tmp_p
     assert result["rows"] == 2 and result["k"] == [1, 2] and set(result["per_row"]) == {"a/1", "b"}
     assert "| mode | Pass@1 | Pass@2 |" in proc.stdout
     models = result["settings"]["models"]
-    assert models["base"]["path"] == base and len(models["rlvr"]["config_sha256"]) == 64
+    assert result["checkpoints"]["base"]["path"] == base and len(models["rlvr"]["config_sha256"]) == 64
     assert sorted(os.listdir(offsets)) == ["a%2F1.safetensors", "b.safetensors"]
     saved = ar.ReplayResult.load(str(offsets / "b.safetensors"))
     assert len(saved.losses) == 3 and saved.config["layers"] == 3
@@ -264,8 +263,7 @@ def test_ids_that_once_shared_a_file_name_get_their_own_offsets_files(checkpoint
     """'q/1' and 'q_1' were both saved as q_1.safetensors, the second over the
     first; every id now has its own file, holding its own row's offsets."""
     import actreplay_ext as ar
-    from actreplay_ext import cli, provenance
-
+    from actreplay_ext.tools import cli, provenance
     base, rlvr, rows = checkpoint_rows
     image = str(rows.parent / "noise.png")
     mine = tmp_path / "rows.jsonl"
@@ -284,7 +282,7 @@ def test_ids_that_once_shared_a_file_name_get_their_own_offsets_files(checkpoint
 
 
 def test_file_names_of_ids_are_one_to_one():
-    from actreplay_ext.provenance import file_name
+    from actreplay_ext.tools.provenance import file_name
 
     ids = ["q/1", "q_1", "q%2F1", "q 1", "q:1", ".q", "%2Eq", "q", "..", "", "%", "题目/1", "题目_1", "a\\b"]
     names = [file_name(i) for i in ids]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from actreplay_ext import verify
+from actreplay_ext.tools import verify
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import actreplay_ext as ar
-from actreplay_ext import cli, console, data, tiny
+from actreplay_ext import tiny
+from actreplay_ext.tools import cli, console, data
 
 pytest.importorskip("torchvision", reason="the Qwen processors' video processor needs torchvision")
 
@@ -304,8 +305,7 @@ def test_equal_dtype_defaults_across_tools():
 
 
 def test_interrupt_is_one_line_exit_130_and_nothing_half_written(monkeypatch, capsys, tmp_path):
-    from actreplay_ext import passk
-
+    from actreplay_ext.tools import passk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -437,8 +437,7 @@ def test_the_recorded_commit_is_the_packages_own(tmp_path):
     import shutil
     import subprocess
 
-    from actreplay_ext import provenance
-
+    from actreplay_ext.tools import provenance
     if shutil.which("git") is None:
         pytest.skip("needs git")
     ours = provenance.git_revision()

@@ -10,10 +10,10 @@ from typing import List, Optional
 
 import torch
 
+from ..config import OPTIMIZERS, layer_list
+from ..core.images import image_hashes, images_differ
 from . import checks, console, data, provenance
-from .config import OPTIMIZERS, layer_list
 from .console import UsageError
-from .core.images import image_hashes, images_differ
 
 DESCRIPTION = """\
 Activation Replay for vision-language models: at test time, learn offsets for
@@ -243,7 +243,8 @@ def _layers_text(cfg) -> str:
 
 
 def _run_record(args, cfg, result, n_vis, texts, timings, configs):
-    models = {name: checks.checkpoint_identity(path, configs[name])
+    # a record of one run: where each checkpoint was and what it is, without hashing its weights
+    models = {name: {**checks.checkpoint_location(path), **checks.checkpoint_identity(path, configs[name], False)}
               for name, path in (("base", args.base), ("rlvr", args.rlvr)) if path}
     record = {"prompt": {"text": args.prompt, "images": args.image or [], "video": args.video},
               "answers": {"without_replay": texts[0], "with_replay": texts[1]},
@@ -270,8 +271,7 @@ def analyze(args) -> int:
 
     checks.output_dir(args.out, "--out")
     if args.demo:
-        from . import tiny
-
+        from .. import tiny
         torch.manual_seed(0)
         base, rlvr = tiny.make_pair("qwen2_5_vl", noise=0.2)
         processor = tiny.make_processor(rlvr)
@@ -342,7 +342,7 @@ def _add_demo(sub, common) -> None:
 
 
 def _add_run(sub, common) -> None:
-    from .config import PRESETS
+    from ..config import PRESETS
 
     p = sub.add_parser("run", help="answer one prompt with your checkpoints, with and without replay", parents=[common],
                        description="Answer one prompt with a base/RLVR checkpoint pair, greedily, with and "

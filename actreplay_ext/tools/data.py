@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .models.offload import execution_device
+from ..models.offload import execution_device
 
 __all__ = ["Row", "read_jsonl", "encode", "encode_batch", "decode_video", "load_model", "load_processor",
            "question_text", "decode_new", "input_device", "synthetic_rows"]

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .core import files
+from ..core import files
 
 __all__ = ["UsageError", "CommandParser", "STDOUT", "add_logging_options", "add_load_options", "setup_logging",
            "load_kwargs", "guarded", "write_text", "write_json", "writing", "generation_progress", "version_line",
@@ -110,7 +110,7 @@ def replay_config(args, defaults=None, **overrides):
     """The preset named by --preset (or the settings `defaults`, e.g. a demo's) with
     --layers/--lr/--steps/--optimizer/--tol (and `overrides`) on top; a bad
     combination is a UsageError naming the options."""
-    from .config import ReplayConfig
+    from ..config import ReplayConfig
 
     given = {k: getattr(args, k) for k in REPLAY_OPTIONS if getattr(args, k, None) is not None}
     given.update(overrides)
@@ -131,7 +131,7 @@ def replay_config(args, defaults=None, **overrides):
 def preset_with(preset: str, given: dict):
     """ReplayConfig.preset(preset) with the fields `given` on top; a direct
     substitution preset keeps its threshold of each layer `given` names."""
-    from .config import PRESETS, ReplayConfig
+    from ..config import PRESETS, ReplayConfig
 
     thresholds = PRESETS[preset].get("thresholds") if preset in PRESETS else None
     layers = given.get("layers")

@@ -14,7 +14,7 @@ interval over rows for each Pass@k and for the difference replay - baseline.
     torchrun --nproc_per_node 2 -m actreplay_ext passk --demo --out demo/  # tiny pair, CPU
 
 Dataset rows: {"question", "answer", "image"|"images"|"video", "choices"?, "id"?}
-(see actreplay_ext.data). Verifiers (--verifier): "auto" (choice letter when
+(see actreplay_ext.tools.data). Verifiers (--verifier): "auto" (choice letter when
 the row has choices, numeric when the answer is a number, else boxed text),
 "boxed", "numeric", "choice".
 
@@ -23,12 +23,15 @@ LOCAL_RANK when there are GPUs (NCCL) and on the CPU otherwise (gloo); rank 0
 gathers the records and writes the results.
 
 Resumable, never mixed: OUT/run.json records everything that determines the
-samples (the checkpoints' identities, the replay configuration, the sampling
-settings, the seed, the dtype); each rank appends one line per finished (row,
-mode) to OUT/records.rank<R>.jsonl, tagged with that run's fingerprint and the
-row's content hash. A rerun with the same settings skips what is done (any
-world size); with other settings, or after a row's content changed, it
-refuses and says what differs.
+samples (the checkpoints by content: the hashes of their config, prompt files
+and weights; the replay configuration, the sampling settings, the seed, the
+dtype); each rank appends one line per finished (row, mode) to
+OUT/records.rank<R>.jsonl, tagged with that run's fingerprint and the row's
+content hash. A rerun with the same settings skips what is done (any world
+size, any working directory, a copy of a checkpoint); with other settings, or
+after a row's content changed, it refuses and says what differs, unless
+--resume-anyway, which records what it let pass. `--report --out OUT` prints
+the table of the records so far without loading a model.
 """
 
 from __future__ import annotations
@@ -45,18 +48,18 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..config import OPTIMIZERS
 from . import checks, console, data, provenance, verify
-from .config import OPTIMIZERS
 from .console import UsageError
 
-log = logging.getLogger("actreplay_ext.passk")
+log = logging.getLogger(__name__)
 MODES = ("baseline", "replay")
 BOOTSTRAP = 2000  # resamples of the rows for the confidence intervals
 NAME_MAX = 255  # bytes in one file name, on the usual file systems
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .config import PRESETS
+    from ..config import PRESETS
 
     p.add_argument("--demo", action="store_true", help="the embedded tiny pair and a 6-row synthetic dataset")
     p.add_argument("--base", help="base checkpoint: a local directory (or a hub id where the network allows)")
@@ -85,6 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "step size; without --lr it takes its own default)")
     p.add_argument("--tol", type=float, help="stop early once the gradient norm is at most TOL x the first one")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each row's seed derives from it and its id)")
+    p.add_argument("--report", action="store_true",
+                   help="print the table of the records already in --out (and write results.json/.md) without "
+                        "loading a model: an interrupted or running run's numbers so far")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume into an --out whose run.json has other settings or rows (say, a checkpoint saved "
+                        "again with other bytes): its records are kept, and the differences are written to run.json "
+                        "and results.json ('overrides')")
     p.add_argument("--save-offsets", metavar="DIR",
                    help="save each row's learned offsets to DIR/<row id>.safetensors (ReplayResult.save; characters "
                         "of the id other than letters, digits, '_', '-' and '.' as %%XX)")
@@ -94,8 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- settings and identities
 
 
-def validate(args) -> Tuple[List[data.Row], object, Dict]:
-    """Everything checked before a model loads: (rows, replay config, settings)."""
+def validate(args, known: Optional[Dict] = None) -> Tuple[List[data.Row], object, Dict]:
+    """Everything checked before a model loads: (rows, replay config, settings).
+    The checkpoints are identified by content (checks.checkpoint_identity);
+    `known` holds the weights' hashes of an earlier start in this --out."""
     # `is None`, never `or`: the counts' type (console.positive_int) has refused 0 already
     if args.samples is None:
         args.samples = 4 if args.demo else 8
@@ -115,8 +127,7 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
                          "lr 0.005, steps 5); change them with --layers/--lr/--steps/--optimizer/--tol")
     args.preset = args.preset or "mm-eureka-7b"
     if args.demo:
-        from . import tiny
-
+        from .. import tiny
         rows = data.synthetic_rows(6)
         cfg = console.replay_config(args, defaults=dict(layers=3, lr=0.005, steps=5))  # the tiny model's
         checks.check_pair_configs(None, tiny.model_config(), cfg)  # e.g. --layers beyond its 4, before it starts
@@ -136,8 +147,11 @@ def validate(args) -> Tuple[List[data.Row], object, Dict]:
         base_config = checks.checkpoint_config(args.base, "--base")
         rlvr_config = checks.checkpoint_config(args.rlvr, "--rlvr")
         checks.check_pair_configs(base_config, rlvr_config, cfg)
-        models = {"base": checks.checkpoint_identity(args.base, base_config),
-                  "rlvr": checks.checkpoint_identity(args.rlvr, rlvr_config)}
+        models = {}
+        for name, path, config in (("base", args.base, base_config), ("rlvr", args.rlvr, rlvr_config)):
+            log.info("identifying --%s %s by the hash of its weights (reused while its files are unchanged)",
+                     name, path)
+            models[name] = checks.checkpoint_identity(path, config, known=known)
     if args.save_offsets:
         for row in rows:  # a name the file system refuses would end the run after hours of sampling
             name = os.path.basename(offsets_file(args.save_offsets, row.id))
@@ -214,7 +228,7 @@ def _differences(old: Dict, new: Dict, prefix: str = "") -> List[str]:
 def _with_replay_defaults(settings: Dict) -> Dict:
     """An older version's settings with the replay fields it did not record yet
     (optimizer, tol, compile, ...) at their defaults: the same run, if the rest agrees."""
-    from .config import ReplayConfig
+    from ..config import ReplayConfig
 
     replay = settings.get("replay") if isinstance(settings, dict) else None
     if not isinstance(replay, dict):
@@ -225,36 +239,44 @@ def _with_replay_defaults(settings: Dict) -> Dict:
         return settings
 
 
-def _with_new_fields(old: Dict, new: Dict) -> Dict:
-    """An older version's settings with the checkpoint fields it did not record
-    yet (the prompt files' hash) taken from this run: the same run, if the rest agrees."""
-    models = old.get("models") if isinstance(old, dict) else None
-    if not isinstance(models, dict) or not isinstance(new.get("models"), dict):
-        return old
-    filled = {k: ({**new["models"][k], **v} if isinstance(v, dict) and isinstance(new["models"].get(k), dict)
-                  and "prompt_files_sha256" not in v else v) for k, v in models.items()}
-    return {**old, "models": filled}
+def read_run(out: str) -> Optional[Dict]:
+    """The run.json of `out` (None when there is none yet)."""
+    path = os.path.join(out, "run.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--out {out}: its run.json cannot be read ({e}); give another --out") from None
+    if not isinstance(run, dict) or not isinstance(run.get("fingerprint"), str) \
+            or not isinstance(run.get("settings"), dict):
+        raise UsageError(f"--out {out}: its run.json is not a Pass@K run's (no fingerprint and settings); "
+                         "give another --out")
+    return run
 
 
-def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[str, str]):
-    """(the run's fingerprint, the records in `out` that this run can reuse); a
-    UsageError when `out` holds another run's records or a row changed since
-    its records were made. A run.json of an older version that recorded fewer
-    replay fields is the same run when its settings agree with those fields at
-    their defaults: the run keeps its fingerprint."""
+def check_resume(out: str, settings: Dict, hashes: Dict[str, str], run: Optional[Dict] = None,
+                 anyway: bool = False) -> Tuple[str, List[Dict], List[str]]:
+    """(the run's fingerprint, the records in `out` that this run can reuse, the
+    differences kept by --resume-anyway); a UsageError when `out` holds another
+    run's records or a row changed since its records were made, unless `anyway`.
+    A run.json of an older version that recorded fewer replay fields is the same
+    run when its settings agree with those fields at their defaults: the run
+    keeps its fingerprint."""
     records = read_records(out)
-    run_file = os.path.join(out, "run.json")
-    fp = fingerprint(settings)
-    if os.path.exists(run_file):
-        with open(run_file) as f:
-            old = json.load(f)
-        upgraded = _with_new_fields(_with_replay_defaults(old.get("settings", {})), settings)
-        if old.get("fingerprint") != fp and fingerprint(upgraded) == fp:
-            fp = old["fingerprint"]
-        elif old.get("fingerprint") != fp:
-            diff = "; ".join(_differences(upgraded, settings)[:6]) or "the settings' fingerprint"
-            raise UsageError(f"--out {out} holds a Pass@K run with other settings ({diff}); give another --out, "
-                             "or delete that directory to start over")
+    fp, kept = fingerprint(settings), []
+    if run is not None:
+        upgraded = _with_replay_defaults(run["settings"])
+        if run["fingerprint"] != fp and fingerprint(upgraded) == fp:
+            fp = run["fingerprint"]
+        elif run["fingerprint"] != fp:
+            diffs = _differences(upgraded, settings) or ["the settings' fingerprint"]
+            if not anyway:
+                raise UsageError(f"--out {out} holds a Pass@K run with other settings ({'; '.join(diffs[:6])}); give "
+                                 "another --out, delete that directory to start over, or keep its records with "
+                                 "--resume-anyway")
+            fp, kept = run["fingerprint"], diffs
     elif records:
         raise UsageError(f"--out {out} holds records without a run.json (an older version's, or another "
                          "run's); give another --out")
@@ -262,11 +284,28 @@ def check_resume(out: str, settings: Dict, rows: List[data.Row], hashes: Dict[st
     if foreign:
         raise UsageError(f"--out {out}: {len(foreign)} record(s) belong to another run "
                          f"(fingerprint {foreign[0].get('run')!r}, this run {fp!r}); give another --out")
-    for r in records:
-        if r["id"] in hashes and r.get("row_hash") != hashes[r["id"]]:
-            raise UsageError(f"--data: row {r['id']!r} changed since its records in {out} were made "
-                             "(its text, answer or files differ); give another --out")
-    return fp, records
+    changed = list(dict.fromkeys(r["id"] for r in records
+                                 if r["id"] in hashes and r.get("row_hash") != hashes[r["id"]]))
+    if changed and not anyway:
+        raise UsageError(f"--data: row {changed[0]!r} changed since its records in {out} were made (its text, answer "
+                         "or files differ); give another --out, or keep its records with --resume-anyway")
+    kept += [f"row {i!r} changed since its records were made" for i in changed]
+    return fp, records, kept
+
+
+def run_file(run: Optional[Dict], fp: str, settings: Dict, rows: List[data.Row], args, known: Dict,
+             kept: List[str]) -> Dict:
+    """run.json as this start leaves it: the run's fingerprint and settings (an
+    earlier start's, when this one resumes it), the rows, where the checkpoints
+    were read from, the weights' hashes (reused while the files are unchanged),
+    and every start that resumed despite differences, with what differed."""
+    overrides = list((run or {}).get("overrides") or [])
+    if kept:
+        overrides.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "differences": kept, "settings": settings})
+    where = {} if args.demo else {"base": checks.checkpoint_location(args.base),
+                                  "rlvr": checks.checkpoint_location(args.rlvr)}
+    return {"fingerprint": fp, "settings": run["settings"] if run else settings, "rows": [r.id for r in rows],
+            "checkpoints": where, "weight_hashes": known, "overrides": overrides}
 
 
 # ---------------------------------------------------------------- the numbers
@@ -282,11 +321,10 @@ def bootstrap(values: torch.Tensor, resamples: int = BOOTSTRAP, seed: int = 0) -
     return [float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))]
 
 
-def summarise(records: List[Dict], rows: List[data.Row], ks: List[int], samples: int) -> Dict:
-    """Pass@k per mode over the dataset's rows that have a record in every
-    mode; 95% bootstrap intervals for each and for replay - baseline (paired:
-    the same resampled rows)."""
-    order = [r.id for r in rows]
+def summarise(records: List[Dict], order: List[str], ks: List[int], samples: int) -> Dict:
+    """Pass@k per mode over the dataset's rows (their ids, `order`) that have a
+    record in every mode; 95% bootstrap intervals for each and for replay -
+    baseline (paired: the same resampled rows)."""
     by_row: Dict[str, Dict[str, Dict]] = {}
     for r in records:
         by_row.setdefault(r["id"], {})[r["mode"]] = r
@@ -309,10 +347,8 @@ def summarise(records: List[Dict], rows: List[data.Row], ks: List[int], samples:
     return result
 
 
-def markdown(result: Dict, settings: Dict) -> str:
+def markdown(result: Dict, names: str) -> str:
     ks, pct = result["k"], lambda x: f"{100 * x:.1f}"
-    models = settings["models"]
-    names = models.get("demo") or f"base {models['base']['path']}, RLVR {models['rlvr']['path']}"
     lines = [f"Pass@k over {result['rows']} of {result['rows_in_data']} rows, {result['samples']} samples per row "
              f"and mode ({names}; preset fields in results.json); 95% bootstrap intervals over rows",
              "", "| mode | " + " | ".join(f"Pass@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
@@ -373,8 +409,7 @@ def _barrier(world: int) -> None:
 def load(args, device):
     """(base, rlvr, processor) on `device`."""
     if args.demo:
-        from . import tiny
-
+        from .. import tiny
         torch.manual_seed(0)  # the demo pair is the same on every rank
         base, rlvr = tiny.make_pair("qwen2_5_vl", noise=0.2)
         return base.to(device), rlvr.to(device), tiny.make_processor(rlvr)
@@ -412,15 +447,22 @@ def sample(models, row: data.Row, mode: str, args, cfg, seed: int, fp: str, rhas
 
 
 def evaluate(args) -> int:
+    if args.report:
+        return report(args)
     t_start = time.perf_counter()
-    rows, cfg, settings = validate(args)
+    run = read_run(args.out)
+    known = dict((run or {}).get("weight_hashes") or {})
+    rows, cfg, settings = validate(args, known)
     hashes = {r.id: row_hash(r) for r in rows}
-    fp, resumed = check_resume(args.out, settings, rows, hashes)
+    fp, resumed, kept = check_resume(args.out, settings, hashes, run, args.resume_anyway)
+    if kept:
+        log.warning("--resume-anyway: keeping the records in %s despite: %s", args.out, "; ".join(kept[:6]))
     done = {(r["id"], r["mode"]) for r in resumed}
     rank, world, device = init_distributed()
-    if rank == 0 and not os.path.exists(os.path.join(args.out, "run.json")):
+    new_run = run_file(run, fp, settings, rows, args, known, kept)
+    if rank == 0:
         with console.writing("--out", args.out):
-            console.write_json(os.path.join(args.out, "run.json"), {"fingerprint": fp, "settings": settings})
+            console.write_json(os.path.join(args.out, "run.json"), new_run)
     _barrier(world)
     todo = [(row, m) for i, row in enumerate(rows) if i % world == rank for m in MODES if (row.id, m) not in done]
     if rank == 0:
@@ -440,7 +482,7 @@ def evaluate(args) -> int:
             records.append(rec)
     gathered = gather_records(records, world)
     if rank == 0:
-        _write_results(args, rows, settings, fp, gathered, world,
+        _write_results(args, new_run, gathered, world,
                        {"load_s": round(t_load, 3), "total_s": round(time.perf_counter() - t_start, 3)})
     _barrier(world)
     if world > 1:
@@ -450,13 +492,52 @@ def evaluate(args) -> int:
     return 0
 
 
-def _write_results(args, rows, settings, fp, gathered, world, timings) -> None:
+def report(args) -> int:
+    """--report: the table of the records in --out so far, from its run.json, without a model."""
+    given = [f"--{n.replace('_', '-')}" for n in ("base", "rlvr", "data", "save_offsets", "samples", "max_new_tokens",
+                                                  "preset", "layers", "lr", "steps", "optimizer", "tol")
+             if getattr(args, n) is not None] + [o for o, on in (("--demo", args.demo),
+                                                                  ("--resume-anyway", args.resume_anyway)) if on]
+    if given:
+        raise UsageError(f"--report reads the run in --out and loads no model: it takes --out and --k, not "
+                         f"{', '.join(given)}")
+    run = read_run(args.out)
+    if run is None:
+        raise UsageError(f"--report: --out {args.out} holds no run.json (no Pass@K run was started there)")
+    samples = (run["settings"].get("sampling") or {}).get("samples")
+    if not isinstance(samples, int) or samples < 1:
+        raise UsageError(f"--out {args.out}: its run.json records no sampling.samples; give another --out")
+    args.samples, args.k = samples, sorted(set(args.k if args.k is not None else [1, samples]))
+    if any(not 1 <= k <= samples for k in args.k):
+        raise UsageError(f"every --k must be in 1..{samples} (the run's samples per row), got {args.k}")
+    if not isinstance(run.get("rows"), list):  # a run.json of a version that did not record its rows
+        run["rows"] = list(dict.fromkeys(r["id"] for r in read_records(args.out) if r.get("run") == run["fingerprint"]))
+    _write_results(args, run, [], 1, {})
+    return 0
+
+
+def _names(run: Dict) -> str:
+    models, where = run["settings"].get("models") or {}, run.get("checkpoints") or {}
+    if "demo" in models:
+        return str(models["demo"])
+    def name(k):  # where it was read from; an older run.json kept the path in the identity
+        return (where.get(k) or {}).get("path") or (models.get(k) or {}).get("path") or (models.get(k) or {}).get("hub")
+
+    return f"base {name('base')}, RLVR {name('rlvr')}"
+
+
+def _write_results(args, run: Dict, gathered: List[Dict], world: int, timings: Dict) -> None:
+    fp = run["fingerprint"]
     merged = {(r["id"], r["mode"]): r for r in read_records(args.out) + gathered if r.get("run") == fp}
-    result = summarise(list(merged.values()), rows, args.k, args.samples)
+    result = summarise(list(merged.values()), run["rows"], args.k, args.samples)
     sampled = {m: round(sum(r.get("seconds", 0.0) for r in merged.values() if r["mode"] == m), 3) for m in MODES}
-    result.update(fingerprint=fp, settings=settings, versions=provenance.versions(), world_size=world,
+    result.update(fingerprint=fp, settings=run["settings"], checkpoints=run.get("checkpoints", {}),
+                  overrides=run.get("overrides", []), versions=provenance.versions(), world_size=world,
                   timings={**timings, "sampling_s": sampled})
-    md = markdown(result, settings)
+    md = markdown(result, _names(run))
+    if result["overrides"]:
+        md += (f"\n\nResumed with --resume-anyway {len(result['overrides'])} time(s) despite: "
+               + "; ".join(result["overrides"][-1]["differences"][:6]) + " (run.json, results.json: overrides)")
     with console.writing("--out", args.out):
         console.write_json(os.path.join(args.out, "results.json"), result)
         console.write_text(os.path.join(args.out, "results.md"), md + "\n")

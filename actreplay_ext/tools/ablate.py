@@ -9,7 +9,7 @@ replay, direct substitution, ...).
         --configs configs.json --out ablation/
 
 prompts.jsonl: one JSON object per line with "question" and "image" (a path)
-or "images" (a list of paths) and/or "video" (see actreplay_ext.data).
+or "images" (a list of paths) and/or "video" (see actreplay_ext.tools.data).
 configs.json: a list of {"name": ..., "preset": optional, ...ReplayConfig
 fields}; {"name": "baseline", "baseline": true} generates without replay.
 Every configuration is checked (names unique, keys known, values of the right
@@ -28,8 +28,8 @@ import os
 import time
 from typing import Dict, List, Optional
 
+from ..config import ReplayConfig
 from . import checks, console, data, provenance
-from .config import ReplayConfig
 from .console import UsageError
 
 __all__ = ["Ablation", "add_arguments", "ablate", "main", "demo_setup", "make_config", "parse_spec", "load_configs"]
@@ -52,8 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_setup():
     """The embedded tiny pair, three built-in prompts, and the ablation grid."""
-    from . import tiny
-
+    from .. import tiny
     base, rlvr = tiny.make_pair("qwen2_5_vl", noise=0.2)
     prompts = [
         {"id": f"demo-{i}", "inputs": tiny.make_inputs(rlvr, images=images, video=video, seed=i)}
@@ -164,8 +163,8 @@ def _load_real(args):
     device = data.input_device(rlvr)
     prompts = [{"id": row.id, "inputs": {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}}
                for row, enc in zip(rows, encoded)]
-    models = {"base": checks.checkpoint_identity(args.base, model_configs[0]),
-              "rlvr": checks.checkpoint_identity(args.rlvr, model_configs[1])}
+    models = {name: {**checks.checkpoint_location(path), **checks.checkpoint_identity(path, config, False)}
+              for name, path, config in (("base", args.base, model_configs[0]), ("rlvr", args.rlvr, model_configs[1]))}
     return base, rlvr, prompts, configs, processor, models
 
 

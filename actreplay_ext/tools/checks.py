@@ -16,8 +16,8 @@ import torch
 
 from .console import STDOUT, UsageError
 
-__all__ = ["is_local", "checkpoint_config", "checkpoint_identity", "check_pair_configs", "input_file", "output_file",
-           "distinct_outputs", "output_dir", "media_files"]
+__all__ = ["is_local", "checkpoint_config", "checkpoint_identity", "checkpoint_location", "file_sha256",
+           "check_pair_configs", "input_file", "output_file", "distinct_outputs", "output_dir", "media_files"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -66,9 +66,9 @@ def _weightless(config):
 
 def check_pair_configs(base_config, rlvr_config, cfg=None) -> None:
     """`patch`'s own pair and configuration checks, on weightless models."""
-    from .core.validation import check_config_for
-    from .models import get_adapter
-    from .models.registry import check_pair
+    from ..core.validation import check_config_for
+    from ..models import get_adapter
+    from ..models.registry import check_pair
 
     rlvr = get_adapter(_weightless(rlvr_config), "--rlvr")
     if base_config is not None:
@@ -84,30 +84,60 @@ PROMPT_FILES = ("preprocessor_config.json", "processor_config.json", "video_prep
                 "merges.txt", "added_tokens.json", "generation_config.json")
 
 
-def checkpoint_identity(path: str, config=None) -> Dict:
-    """What identifies a checkpoint without reading its weights: its path, the
-    hash of its config.json and of the files that build the prompt (processor,
-    chat template, tokenizer, generation defaults: a changed template changes
-    every prompt), the names, sizes and modification times of its weight files,
-    and the hub revision when it came from the hub."""
-    ident: Dict = {"path": path}
-    if os.path.isdir(path):
-        ident["resolved"] = os.path.realpath(path)
-        with open(os.path.join(path, "config.json"), "rb") as f:
-            ident["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
-        prompt = hashlib.sha256()
-        for name in sorted(os.listdir(path)):
-            if name in PROMPT_FILES or name.startswith("chat_template"):
-                with open(os.path.join(path, name), "rb") as f:
-                    prompt.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-        ident["prompt_files_sha256"] = prompt.hexdigest()
-        ident["weights"] = sorted(
-            [n, os.stat(os.path.join(path, n)).st_size, os.stat(os.path.join(path, n)).st_mtime_ns]
-            for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".pt")))
-    revision = getattr(config, "_commit_hash", None)
-    if revision:
-        ident["revision"] = revision
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_CHUNK = 1 << 24  # 16 MiB per read while hashing weights
+
+
+def file_sha256(path: str, known: Optional[Dict] = None) -> str:
+    """The sha256 of a file's bytes. `known` (realpath -> [size, mtime_ns, sha256])
+    holds hashes already computed: a file whose size and modification time are
+    unchanged is not read again, and what is hashed here is added to it."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    cached = (known or {}).get(real)
+    if isinstance(cached, list) and len(cached) == 3 and cached[:2] == [st.st_size, st.st_mtime_ns]:
+        return cached[2]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    if known is not None:
+        known[real] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return h.hexdigest()
+
+
+def checkpoint_identity(path: str, config=None, content: bool = True, known: Optional[Dict] = None) -> Dict:
+    """What a checkpoint is, by content, not by where it lies or when its files
+    were touched: the hash of its config.json and of the files that build the
+    prompt (processor, chat template, tokenizer, generation defaults: a changed
+    template changes every prompt), the names and sizes of its weight files and,
+    with `content`, the sha256 of their bytes (`known`: hashes computed before,
+    see file_sha256); a hub id is its id and revision. The same model from
+    another working directory, a copy, or a touched file is the same identity."""
+    if not os.path.isdir(path):
+        ident: Dict = {"hub": path}
+        revision = getattr(config, "_commit_hash", None)
+        if revision:
+            ident["revision"] = revision
+        return ident
+    ident = {}
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        ident["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    prompt = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name in PROMPT_FILES or name.startswith("chat_template"):
+            with open(os.path.join(path, name), "rb") as f:
+                prompt.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    ident["prompt_files_sha256"] = prompt.hexdigest()
+    weights = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_FILES))
+    ident["weights"] = [[n, os.path.getsize(os.path.join(path, n))] + ([file_sha256(os.path.join(path, n), known)]
+                                                                        if content else []) for n in weights]
     return ident
+
+
+def checkpoint_location(path: str) -> Dict:
+    """Where a checkpoint was read from (for the records; not part of what it is)."""
+    return {"path": path, "resolved": os.path.realpath(path)} if os.path.isdir(path) else {"path": path}
 
 
 def input_file(path: Optional[str], arg: str) -> None:

@@ -22,9 +22,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .core import capture_prefill, files, lens_params, run_layers
-from .models import check_pair, get_adapter
-from .reference import lens_logits
+from ..core import capture_prefill, files, lens_params, run_layers
+from ..models import check_pair, get_adapter
+from ..reference import lens_logits
 
 __all__ = ["LayerStats", "lens_kl", "Analysis", "plot", "plot_titles", "representative_layers"]
 
